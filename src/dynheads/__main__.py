@@ -1,0 +1,3 @@
+from dynheads.cli import main
+
+main()

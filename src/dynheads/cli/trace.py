@@ -1,0 +1,83 @@
+"""Commands that trace a task with the model (`niah`) and analyses of a traced run (`dynamism`, `list`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dynheads.errors import ConfigError
+
+
+def parse_ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--{name} expects comma-separated integers, got '{text}'") from None
+    if not values:
+        raise ConfigError(f"--{name} is empty")
+    return values
+
+
+def parse_floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--{name} expects comma-separated numbers, got '{text}'") from None
+    if not values:
+        raise ConfigError(f"--{name} is empty")
+    return values
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def niah(
+        model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
+        lengths: str = typer.Option("1000,2000,4000", help="whole-prompt lengths in tokens"),
+        depths: str = typer.Option("0,25,50,75,100", help="needle depths in percent"),
+        samples_per_cell: int = typer.Option(2, help="samples per (length, depth) cell"),
+        haystack: Optional[str] = typer.Option(None, help="folder of .txt files (default: CPython docs prose)"),
+        needles: Optional[str] = typer.Option(None, help="Retrieval_Head-style needle JSONL (default: UUID needle)"),
+        max_new_tokens: int = typer.Option(48),
+        topk: int = typer.Option(1, help="also record the top-k attended positions and weights"),
+        seed: int = typer.Option(0),
+        dtype: str = typer.Option("float32"),
+        device: str = typer.Option("cpu"),
+        out: Path = typer.Option(..., help="run folder (resumes when it exists with the same config)"),
+        quiet: bool = typer.Option(False),
+    ):
+        """Trace a Needle-in-a-Haystack sweep: per-step retrieval heads of every generated token."""
+        from dynheads.experiments.trace import run_niah
+        from dynheads.models import load_model
+        from dynheads.tasks.niah import NiahConfig
+        from dynheads.tracing.tracer import TraceConfig
+
+        cfg = NiahConfig(parse_ints(lengths, "lengths"), parse_floats(depths, "depths"), samples_per_cell,
+                         haystack, needles, seed)
+        lm = load_model(model, dtype=dtype, device=device)
+        run = run_niah(lm, cfg, out, TraceConfig(max_new_tokens=max_new_tokens, topk=topk), quiet)
+        results = run.sample_results()
+        acc = sum(r["accuracy"] for r in results) / len(results)
+        rouge = sum(r["rouge_l"] for r in results) / len(results)
+        typer.echo(f"{len(results)} samples: accuracy {acc:.3f}, ROUGE-L {rouge:.3f}")
+        typer.echo(str(run.path))
+
+    @app.command()
+    def dynamism(
+        run_dir: Path = typer.Argument(..., help="a traced run folder"),
+        static_top: int = typer.Option(20, help="size of the static set"),
+        empty_steps: str = typer.Option("skip", help="'skip' or 'keep' steps with no active head in Jaccards"),
+        per_sample: bool = typer.Option(False, help="average per sample, then over samples"),
+        only_correct: bool = typer.Option(False, help="use only correctly answered samples"),
+        static_file: Optional[str] = typer.Option(None, help="head_score JSON of a separate detection run"),
+        sample: Optional[str] = typer.Option(None, help="sample id for the Fig. 1 heatmap"),
+    ):
+        """Table 1 dynamism statistics and the Fig. 1 heatmap of a traced run."""
+        from dynheads.experiments import dynamism as dyn
+        from dynheads.runs import RunDir
+
+        run = RunDir.open(run_dir)
+        stats = dyn.run(run, dyn.DynamismConfig(static_top, empty_steps, per_sample, only_correct, static_file, sample))
+        typer.echo(dyn.format_table(stats, Path(run.config["model"]["source"]).name + " (ours)"))
+        typer.echo(f"figure: {run.figure_path('dynamism_heatmap')}")
+        typer.echo(str(run.path))

@@ -1,0 +1,32 @@
+"""The resolved run description written first into every run folder."""
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+from dynheads.models import LoadedModel
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("dynheads", "torch", "transformers", "numpy", "scikit-learn"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def run_config(kind: str, lm: LoadedModel, seed: int, **parts: Any) -> dict[str, Any]:
+    """Config dict: kind, model (path, fingerprint, layout), seed, the given parts, versions."""
+    return {
+        "kind": kind,
+        "model": lm.describe(),
+        "layout": {"n_layers": lm.layout.n_layers, "n_heads": lm.layout.n_heads, "n_kv_heads": lm.layout.n_kv_heads},
+        "seed": seed,
+        **{k: asdict(v) if is_dataclass(v) else v for k, v in parts.items()},
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

@@ -1,0 +1,176 @@
+"""Bootstrap intervals, paired tests, sample splits and step pairs shared by every experiment.
+
+Every resampling unit is a *sample* (one generated answer), never a step: steps of one answer are
+strongly dependent. Every function that draws takes an `np.random.Generator`; nothing seeds globally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from scipy import stats as sps
+
+from dynheads.errors import DataError
+
+# metric(sums [..., m]) -> [...]: a statistic computed from summed per-row statistics.
+SumMetric = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its bootstrap percentile interval (None where undefined)."""
+
+    estimate: float | None
+    low: float | None
+    high: float | None
+    n: int  # resampling units (values or samples)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of a − b over paired units, its bootstrap CI, and a Wilcoxon signed-rank p-value."""
+
+    mean_difference: float
+    low: float
+    high: float
+    p_value: float  # two-sided; 1.0 when every difference is zero
+    n: int
+    n_nonzero: int
+
+
+@dataclass(frozen=True)
+class MetricGap:
+    """metric(a) − metric(b) on the same rows, with a bootstrap CI over samples (paired resampling)."""
+
+    metric_a: float | None
+    metric_b: float | None
+    gap: float | None
+    low: float | None
+    high: float | None
+    n_samples: int
+    excludes_zero: bool  # low > 0: a beats b at the stated confidence
+
+
+def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, n_boot: int = 2000, ci: float = 0.95) -> Interval:
+    """Percentile bootstrap CI of the mean of `values` [n]."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise DataError("bootstrap_ci needs at least 1 value; got 0")
+    idx = rng.integers(0, values.size, size=(n_boot, values.size))
+    low, high = _percentiles(values[idx].mean(axis=1), ci)
+    return Interval(float(values.mean()), low, high, int(values.size))
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n_boot: int = 2000, ci: float = 0.95
+) -> PairedDifference:
+    """Mean paired difference a − b [n], bootstrap CI over units, Wilcoxon signed-rank p-value.
+
+    All-zero differences give p = 1 (scipy's statistic is undefined there).
+    """
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise DataError(f"paired_difference needs equal lengths; got {a.size} and {b.size}")
+    d = a - b
+    interval = bootstrap_ci(d, rng, n_boot, ci)
+    nonzero = int(np.count_nonzero(d))
+    p = 1.0 if nonzero == 0 else float(sps.wilcoxon(d, zero_method="wilcox").pvalue)
+    return PairedDifference(float(d.mean()), float(interval.low), float(interval.high), p, int(d.size), nonzero)
+
+
+def group_sums(row_stats: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Sum per-row statistics [N, m] within each group (sample) → [G, m], groups in sorted order."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    out = np.zeros((inverse.max() + 1, row_stats.shape[1]), dtype=np.float64)
+    np.add.at(out, inverse, row_stats)
+    return out
+
+
+def bootstrap_metric(
+    row_stats: np.ndarray, groups: np.ndarray, metric: SumMetric, rng: np.random.Generator,
+    n_boot: int = 2000, ci: float = 0.95,
+) -> Interval:
+    """A metric of summed per-row statistics [N, m] with a bootstrap CI over groups (samples)."""
+    per_group = group_sums(np.asarray(row_stats, dtype=np.float64), groups)
+    weights = _resample_weights(per_group.shape[0], rng, n_boot)
+    low, high = _percentiles(metric(weights @ per_group), ci)
+    return Interval(_finite(metric(per_group.sum(axis=0))), low, high, per_group.shape[0])
+
+
+def bootstrap_metric_gap(
+    row_stats_a: np.ndarray, row_stats_b: np.ndarray, groups: np.ndarray, metric: SumMetric,
+    rng: np.random.Generator, n_boot: int = 2000, ci: float = 0.95,
+) -> MetricGap:
+    """Compare two predictors' metric on the same rows; resample sample ids (not rows), paired.
+
+    row_stats_*: [N, m] additive per-row statistics (e.g. tp, fp, fn) so a resampled metric is
+    metric(counts @ per-sample sums); `groups` [N] holds each row's sample id.
+    """
+    if row_stats_a.shape != row_stats_b.shape:
+        raise DataError(f"bootstrap_metric_gap needs equal shapes; got {row_stats_a.shape} and {row_stats_b.shape}")
+    ga = group_sums(np.asarray(row_stats_a, dtype=np.float64), groups)
+    gb = group_sums(np.asarray(row_stats_b, dtype=np.float64), groups)
+    weights = _resample_weights(ga.shape[0], rng, n_boot)
+    low, high = _percentiles(metric(weights @ ga) - metric(weights @ gb), ci)
+    ma, mb = _finite(metric(ga.sum(axis=0))), _finite(metric(gb.sum(axis=0)))
+    gap = None if ma is None or mb is None else ma - mb
+    return MetricGap(ma, mb, gap, low, high, ga.shape[0], bool(low is not None and low > 0))
+
+
+def split_by_sample(sample_ids: np.ndarray, fractions: tuple[float, ...], rng: np.random.Generator) -> list[np.ndarray]:
+    """Row masks [N] bool, one per fraction, splitting *samples* (never steps) at random.
+
+    Each part gets round(fraction × n_samples) samples (at least one); the last part takes the rest.
+    """
+    sample_ids = np.asarray(sample_ids)
+    unique = np.unique(sample_ids)
+    n = unique.size
+    if n < len(fractions):
+        raise DataError(f"a {len(fractions)}-way split by sample needs at least {len(fractions)} samples; got {n}")
+    sizes = [max(1, int(round(f * n))) for f in fractions[:-1]]
+    while sum(sizes) > n - 1:  # the last part keeps at least one sample
+        sizes[int(np.argmax(sizes))] -= 1
+    order = unique[rng.permutation(n)]
+    bounds = np.cumsum([0, *sizes, n - sum(sizes)])
+    return [np.isin(sample_ids, order[bounds[i]:bounds[i + 1]]) for i in range(len(fractions))]
+
+
+def offset_pairs(sample_ids: np.ndarray, steps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (source n, target n + k) of step pairs within the same sample.
+
+    Pairs whose n + k lies outside the sample are dropped; k may be negative (a previous step).
+    """
+    _, code = np.unique(np.asarray(sample_ids), return_inverse=True)
+    steps = np.asarray(steps, dtype=np.int64)
+    span = int(steps.max()) + abs(k) + 1 if steps.size else 1
+    key = code.astype(np.int64) * span + steps
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    want = key + k
+    pos = np.clip(np.searchsorted(sorted_key, want), 0, max(len(key) - 1, 0))
+    ok = (steps + k >= 0) & (sorted_key[pos] == want) if key.size else np.zeros(0, bool)
+    src = np.flatnonzero(ok)
+    return src, order[pos[ok]]
+
+
+def _resample_weights(n_groups: int, rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """[n_boot, G] counts of each group in a resample with replacement."""
+    if n_groups == 0:
+        raise DataError("bootstrap over samples needs at least 1 sample; got 0")
+    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot).astype(np.float64)
+
+
+def _percentiles(draws: np.ndarray, ci: float) -> tuple[float | None, float | None]:
+    draws = np.asarray(draws, dtype=np.float64)
+    draws = draws[np.isfinite(draws)]
+    if draws.size == 0:
+        return None, None
+    alpha = (1.0 - ci) / 2.0
+    low, high = np.quantile(draws, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def _finite(x) -> float | None:
+    x = float(np.asarray(x))
+    return x if np.isfinite(x) else None

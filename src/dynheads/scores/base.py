@@ -1,0 +1,57 @@
+"""Head retrieval scores: pure functions of what the tracer recorded.
+
+A score takes the stacked record arrays of one sample (`[T, layers, heads]` each, plus
+`token_id` [T]) and the sample's token spans, and returns float32 `[T, layers, heads]`. It names
+the record arrays it needs, so the tracer is configured to compute only those, and the threshold
+above which a head counts as *active* (in the step's dynamic set).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from dynheads.registry import Registry
+
+ScoreFn = Callable[..., np.ndarray]
+
+
+@dataclass(frozen=True)
+class HeadScore:
+    """A registered head score: the function, the record arrays it needs and its activity threshold."""
+
+    name: str
+    fn: ScoreFn
+    needs: tuple[str, ...]
+    mass_spans: tuple[str, ...]
+    threshold: float
+
+    def __call__(self, arrays: dict[str, np.ndarray], token_spans: dict, **args) -> np.ndarray:
+        return self.fn(arrays, token_spans, **args)
+
+    def active(self, scores: np.ndarray) -> np.ndarray:
+        """Boolean dynamic sets: heads whose score reaches the threshold."""
+        return scores >= self.threshold
+
+
+head_scores: Registry[HeadScore] = Registry("head score")
+
+
+def head_score(name: str, needs: tuple[str, ...], mass_spans: tuple[str, ...] = (), threshold: float = 1.0):
+    """Register `fn(arrays, token_spans, **args) -> float32 [T, L, H]` as a head score."""
+
+    def deco(fn: ScoreFn) -> ScoreFn:
+        head_scores.register(name)(HeadScore(name, fn, needs, mass_spans, threshold))
+        return fn
+
+    return deco
+
+
+def get_score(name: str) -> HeadScore:
+    import dynheads.scores.copy_paste  # noqa: F401  (built-ins register at import)
+    try:
+        import dynheads.scores.reasoning  # noqa: F401
+    except ImportError:
+        pass
+    return head_scores.get(name)

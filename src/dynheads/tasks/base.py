@@ -1,0 +1,120 @@
+"""Samples (model-independent) and their encoding into one chat-templated, tokenised prompt.
+
+A task yields `Sample`s whose `spans` are character ranges inside `context`. `encode()` renders
+the chat template, tokenises once with offsets, and maps every character span to the exact
+token range that covers it, so no fuzzy needle search is ever needed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+from dynheads.errors import DataError, ModelError
+from dynheads.registry import Registry
+
+CharSpan = tuple[int, int]  # [start, end) in characters of Sample.context
+TokenSpan = tuple[int, int]  # [start, end) in tokens of EncodedSample.input_ids
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a task turns context and question into chat messages; `user` holds {context} and {question}."""
+
+    system: str | None
+    user: str
+
+
+@dataclass
+class Sample:
+    """One task instance before tokenisation; `spans` maps a name to character ranges in `context`."""
+
+    id: str
+    context: str
+    question: str
+    answer: str | list[str]
+    spans: dict[str, list[CharSpan]]
+    prompt: PromptFormat
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spans"] = {k: [list(s) for s in v] for k, v in self.spans.items()}
+        return d
+
+    @property
+    def answers(self) -> list[str]:
+        return [self.answer] if isinstance(self.answer, str) else list(self.answer)
+
+
+@dataclass
+class EncodedSample:
+    """A sample after the model's chat template and tokenizer; spans are exact token ranges."""
+
+    sample: Sample
+    input_ids: list[int]
+    token_spans: dict[str, list[TokenSpan]]
+    context_tokens: TokenSpan
+    prompt_text: str
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.input_ids)
+
+    def span_positions(self, name: str) -> list[int]:
+        """All token positions of a named span, sorted."""
+        return [p for s, e in self.token_spans[name] for p in range(s, e)]
+
+
+def render_prompt(tokenizer, fmt: PromptFormat, context: str, question: str) -> tuple[str, int]:
+    """Rendered prompt text and the character offset where `context` starts in it."""
+    before, sep, after = fmt.user.partition("{context}")
+    if not sep:
+        raise DataError("prompt format has no {context} placeholder")
+    prefix = before.format(question=question)
+    user = prefix + context + after.format(question=question)
+    messages = ([{"role": "system", "content": fmt.system}] if fmt.system else []) + [
+        {"role": "user", "content": user}
+    ]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:  # base model without a template: plain text, documented in README
+        text = (fmt.system + "\n\n" if fmt.system else "") + user + "\nAnswer:"
+    user_at = text.find(user)
+    if user_at < 0:
+        raise ModelError("the chat template rewrote the user message; cannot locate the context")
+    return text, user_at + len(prefix)
+
+
+def encode(sample: Sample, tokenizer) -> EncodedSample:
+    """Tokenise `sample` with the model's template; raise DataError if a span does not survive."""
+    text, ctx_at = render_prompt(tokenizer, sample.prompt, sample.context, sample.question)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError("dynheads needs a fast tokenizer (character offsets) to locate spans exactly")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    token_spans = {
+        name: _char_to_token_spans(offsets, [(s + ctx_at, e + ctx_at) for s, e in ranges], sample.id, name)
+        for name, ranges in sample.spans.items()
+    }
+    (ctx_span,) = _char_to_token_spans(offsets, [(ctx_at, ctx_at + len(sample.context))], sample.id, "context")
+    return EncodedSample(sample, list(enc["input_ids"]), token_spans, ctx_span, text)
+
+
+def _char_to_token_spans(offsets, ranges: list[CharSpan], sample_id: str, name: str) -> list[TokenSpan]:
+    """Token ranges covering each character range (tokens that overlap it), merged when adjacent."""
+    out: list[TokenSpan] = []
+    for cs, ce in sorted(ranges):
+        toks = [i for i, (a, b) in enumerate(offsets) if a < ce and b > cs and b > a]
+        if not toks or ce <= cs:
+            raise DataError(f"sample {sample_id}: span '{name}' not found after tokenisation")
+        s, e = toks[0], toks[-1] + 1
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+TaskFactory = Callable[..., Iterable[Sample]]
+tasks: Registry[TaskFactory] = Registry("task")
+task = tasks.register

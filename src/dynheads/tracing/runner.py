@@ -1,0 +1,66 @@
+"""Run encoded samples through the tracer into a run folder, one sample at a time, resumably.
+
+`run_samples` is the shared per-sample driver (skip finished samples, progress on stderr, atomic
+write per sample); `trace_sample` is the plain traced generation that `niah` and `multihop` use.
+Experiments that intervene (ablation, RAG) pass their own per-sample function to `run_samples`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from dynheads.runs import RunDir
+from dynheads.scores.base import HeadScore
+from dynheads.tasks.base import EncodedSample
+from dynheads.tracing.tracer import Trace, Tracer
+
+log = logging.getLogger(__name__)
+
+# Returns (record arrays, result fields) for one sample.
+SampleWork = Callable[[EncodedSample], tuple[dict[str, np.ndarray], dict[str, Any]]]
+
+
+def run_samples(run: RunDir, samples: Iterable[EncodedSample], work: SampleWork, total: int | None = None,
+                quiet: bool = False) -> int:
+    """Apply `work` to every unfinished sample and write its records; returns how many were run."""
+    done = run.done_samples()
+    n_run = 0
+    bar = tqdm(total=total, desc=run.path.name, unit="sample", file=sys.stderr, disable=quiet, leave=False)
+    for order, encoded in enumerate(samples):
+        bar.update(1)
+        if encoded.sample.id in done:
+            continue
+        arrays, result = work(encoded)
+        run.write_sample(encoded.sample.id, arrays, {
+            "order": order, "sample": encoded.sample.to_json(), "token_spans": encoded.token_spans,
+            "prompt_tokens": encoded.prompt_len, "context_tokens": list(encoded.context_tokens), **result})
+        n_run += 1
+    bar.close()
+    return n_run
+
+
+def trace_sample(tracer: Tracer, encoded: EncodedSample, score: HeadScore,
+                 metric: Callable[[str, Any], dict[str, float]], **generate_args) -> tuple[dict, dict]:
+    """Traced greedy generation of one sample, its head scores and its answer metrics."""
+    state = tracer.prefill(encoded.input_ids, encoded.token_spans)
+    trace = tracer.generate(state, fork=False, **generate_args)
+    return trace_outputs(tracer, trace, encoded, score, metric)
+
+
+def trace_outputs(tracer: Tracer, trace: Trace, encoded: EncodedSample, score: HeadScore,
+                  metric: Callable[[str, Any], dict[str, float]]) -> tuple[dict, dict]:
+    """Record arrays (with the run's head score) and result fields of a finished trace."""
+    arrays = trace.arrays()
+    if len(arrays["token_id"]):
+        arrays["score"] = score(arrays, encoded.token_spans)
+    else:
+        arrays["score"] = np.zeros((0,) + tracer.lm.layout.shape, np.float32)
+    response = tracer.lm.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
+    tokens = [tracer.lm.tokenizer.decode([t]) for t in trace.token_ids]
+    result = {"response": response, "tokens": tokens, "n_steps": len(trace.token_ids),
+              "stopped": trace.stop_id is not None, **metric(response, encoded.sample)}
+    return arrays, result

@@ -1,0 +1,230 @@
+"""Traced greedy generation: the only loop in dynheads that calls the model step by step.
+
+A prompt is prefilled once with SDPA (all tokens but the last). Every generation step then feeds
+one token; the last prompt token is step 0's input, so every step — including the one that emits
+the first answer token — is the same single-row forward whose attention row is reduced to
+per-head records. Conditions that differ only while decoding (ablations, head strategies) fork
+the same prefill: `generate(..., fork=True)` crops the KV cache back when it returns.
+
+Per step, an optional intervention sees the clean step and returns heads to ablate; the step is
+then recomputed with those heads masked (cache cropped by one and the token re-fed) and the
+masked pass's token is kept, so later steps see its keys and values.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from dynheads.interventions.methods import ablations
+from dynheads.models import LoadedModel, end_of_turn_ids
+from dynheads.tracing.attention import StepHooks, tracing
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """What the tracer computes and keeps at each step."""
+
+    max_new_tokens: int = 48  # NIAH answers (a UUID) fit in ~40 tokens of SmolLM2's tokenizer
+    topk: int = 1  # >1 also records topk_pos / topk_weight
+    record_hidden: bool = True  # final hidden state (post final norm = the LM head's input)
+    sink_tokens: int = 4  # Eq. 2: attention-sink positions left out of the denominator (paper silent)
+    local_window: int = 32  # Eq. 2: most recent positions left out of the denominator (paper silent)
+    mass_spans: tuple[str, ...] = ("needle",)  # named spans whose attention mass is recorded
+    row_spans: tuple[str, ...] = ()  # named spans whose per-position weights are recorded
+
+
+@dataclass
+class StepView:
+    """What one forward step saw and would emit; per-head arrays are [layers, heads]."""
+
+    step: int
+    token_id: int  # greedy token of this pass
+    entropy: float
+    logprob: float
+    arrays: dict[str, np.ndarray]
+    hidden: np.ndarray | None = None
+
+
+@dataclass
+class DecodeState:
+    """A prefilled prompt: all ids so far (the last one not yet in the cache) and the KV cache."""
+
+    ids: list[int]
+    cache: DynamicCache
+    spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    hidden_keys: np.ndarray | None = None  # bool [len]: context positions hidden from later queries
+
+
+# Gets the clean step and returns bool [layers, heads] (heads to ablate) or None.
+Intervention = Callable[[StepView], "np.ndarray | None"]
+
+
+@dataclass
+class Trace:
+    """One generation. `steps` is the kept path; with an intervention, `clean` and `masks` too."""
+
+    steps: list[StepView]
+    stop_id: int | None
+    clean: list[StepView] | None = None
+    masks: list[np.ndarray] | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [s.token_id for s in self.steps]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Stack the steps into record arrays (see records.py for names and shapes)."""
+        out = _stack(self.steps)
+        if self.clean is not None:
+            clean = _stack(self.clean)
+            out = {("masked_" + k if k in ("top1_pos", "top1_token") else k): v for k, v in out.items()}
+            out.update({k: v for k, v in clean.items() if k not in ("token_id", "token_entropy", "token_logprob")})
+            out["clean_token_id"] = clean["token_id"]
+            out["ablated"] = np.stack(self.masks) if self.masks else np.zeros((0,) + clean["top1_pos"].shape[1:], bool)
+        return out
+
+
+class Tracer:
+    """Greedy traced decoding over one loaded model."""
+
+    def __init__(self, lm: LoadedModel, config: TraceConfig = TraceConfig()):
+        self.lm = lm
+        self.config = config
+        self.stop_ids = set(end_of_turn_ids(lm.tokenizer, lm.model))
+        self.device = next(lm.model.parameters()).device
+
+    # --- prefill -----------------------------------------------------------------------
+    def prefill(self, input_ids: list[int], spans: dict[str, list[tuple[int, int]]] | None = None,
+                hidden_keys: np.ndarray | None = None) -> DecodeState:
+        """Run all prompt tokens but the last through SDPA into a fresh KV cache."""
+        cache = DynamicCache(config=self.lm.model.config)
+        state = DecodeState(list(input_ids), cache, dict(spans or {}), hidden_keys)
+        self.extend(state, [], hidden_keys=hidden_keys)
+        return state
+
+    def extend(self, state: DecodeState, new_ids: list[int], hidden_keys: np.ndarray | None = None) -> None:
+        """Append tokens and bring the cache up to all but the last id (chunked prefill)."""
+        state.ids.extend(new_ids)
+        todo = state.ids[state.cache.get_seq_length(): len(state.ids) - 1]
+        if not todo:
+            return
+        hooks = StepHooks(seq_len=len(state.ids) - 1, hidden_keys=_as_mask(hidden_keys, len(state.ids) - 1))
+        with tracing(self.lm.model, hooks), torch.no_grad():
+            self.lm.model(input_ids=torch.tensor([todo], device=self.device), cache=state.cache,
+                          use_cache=True, logits_to_keep=1)
+
+    # --- decoding ----------------------------------------------------------------------
+    def generate(self, state: DecodeState, *, max_new_tokens: int | None = None,
+                 intervention: Intervention | None = None, ablation: str = "zero",
+                 stop: Callable[[list[int]], bool] | None = None, fork: bool = True) -> Trace:
+        """Greedy decoding from `state`; with fork=True the state is restored afterwards."""
+        limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        start_ids = len(state.ids)
+        ablate_fn = ablations.get(ablation)
+        kept: list[StepView] = []
+        clean_steps: list[StepView] = []
+        masks: list[np.ndarray] = []
+        stop_id = None
+        with self._recording(state) as run_step:
+            for t in range(limit):
+                view = run_step(t, None, ablate_fn)
+                if intervention is not None:
+                    mask = intervention(view)
+                    mask = np.zeros(self.lm.layout.shape, bool) if mask is None else np.asarray(mask, bool)
+                    clean_steps.append(view)
+                    masks.append(mask)
+                    if mask.any():
+                        state.cache.crop(-1)
+                        view = run_step(t, mask, ablate_fn)
+                if view.token_id in self.stop_ids:
+                    stop_id = view.token_id
+                    break
+                kept.append(view)
+                state.ids.append(view.token_id)
+                if stop is not None and stop(state.ids[start_ids:]):
+                    break
+        if intervention is not None and stop_id is not None:
+            clean_steps.pop(), masks.pop()  # the stop step is not an answer token
+        trace = Trace(kept, stop_id, clean_steps if intervention else None, masks if intervention else None)
+        if fork:
+            self.rewind(state, start_ids)
+        return trace
+
+    def rewind(self, state: DecodeState, n_ids: int) -> None:
+        """Forget everything after the first `n_ids` ids (the cache keeps n_ids - 1 tokens)."""
+        extra = state.cache.get_seq_length() - (n_ids - 1)
+        if extra > 0:
+            state.cache.crop(-extra)
+        del state.ids[n_ids:]
+
+    # --- internals ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _recording(self, state: DecodeState) -> Iterator[Callable]:
+        cfg, model = self.config, self.lm.model
+        hooks = StepHooks(record=True, topk=cfg.topk, sink_tokens=cfg.sink_tokens, local_window=cfg.local_window)
+        hooks.spans = {n: state.spans[n] for n in cfg.mass_spans if n in state.spans}
+        hooks.row_spans = {n: [p for s, e in state.spans[n] for p in range(s, e)]
+                           for n in cfg.row_spans if n in state.spans}
+        captured_hidden: list[torch.Tensor] = []
+        handle = None
+        if cfg.record_hidden:
+            lm_head = model.get_output_embeddings()
+            handle = lm_head.register_forward_pre_hook(lambda _m, args: captured_hidden.append(args[0][0, -1]))
+
+        def run_step(t: int, mask: np.ndarray | None, ablate_fn) -> StepView:
+            seq_len = state.cache.get_seq_length() + 1
+            hooks.seq_len, hooks.captured = seq_len, {}
+            hooks.head_mask = None if mask is None else torch.from_numpy(mask)
+            hooks.ablation = ablate_fn
+            hooks.hidden_keys = _as_mask(state.hidden_keys, seq_len)
+            captured_hidden.clear()
+            out = model(input_ids=torch.tensor([[state.ids[seq_len - 1]]], device=self.device),
+                        cache=state.cache, use_cache=True, logits_to_keep=1)
+            logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            token = int(logp.argmax())
+            arrays = {name: torch.stack([hooks.captured[l][name] for l in range(len(hooks.captured))]).cpu().numpy()
+                      for name in hooks.captured[0]}
+            ids = np.asarray(state.ids[:seq_len])
+            arrays["top1_token"] = ids[arrays["top1_pos"]]
+            hidden = captured_hidden[-1].float().cpu().numpy() if captured_hidden else None
+            entropy = float(-(logp.exp() * logp).sum())
+            return StepView(t, token, entropy, float(logp[token]), arrays, hidden)
+
+        try:
+            with tracing(model, hooks), torch.no_grad():
+                yield run_step
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+def _as_mask(hidden_keys: np.ndarray | None, length: int) -> torch.Tensor | None:
+    """A visibility mask padded with False (visible) up to `length` positions."""
+    if hidden_keys is None:
+        return None
+    mask = np.zeros(length, dtype=bool)
+    n = min(length, len(hidden_keys))
+    mask[:n] = hidden_keys[:n]
+    return torch.from_numpy(mask)
+
+
+def _stack(steps: list[StepView]) -> dict[str, np.ndarray]:
+    if not steps:
+        return {"token_id": np.zeros(0, np.int64)}
+    out = {name: np.stack([s.arrays[name] for s in steps]) for name in steps[0].arrays}
+    for name in list(out):
+        if name.endswith("_pos") or name == "top1_token":
+            out[name] = out[name].astype(np.int32 if name.endswith("_pos") else np.int64)
+        else:
+            out[name] = out[name].astype(np.float32)
+    out["token_id"] = np.array([s.token_id for s in steps], dtype=np.int64)
+    out["token_entropy"] = np.array([s.entropy for s in steps], dtype=np.float32)
+    out["token_logprob"] = np.array([s.logprob for s in steps], dtype=np.float32)
+    if steps[0].hidden is not None:
+        out["hidden"] = np.stack([s.hidden for s in steps]).astype(np.float32)
+    return out
