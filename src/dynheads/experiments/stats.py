@@ -154,6 +154,18 @@ def offset_pairs(sample_ids: np.ndarray, steps: np.ndarray, k: int) -> tuple[np.
     return src, order[pos[ok]]
 
 
+def previous_observed(sample_ids: np.ndarray, steps: np.ndarray, tgt: np.ndarray, k: int) -> np.ndarray:
+    """Row of the last step observed before target n + k (−1 if none): step n + k − max(k, 1).
+
+    For k ≥ 1 that is step n, whose scores come from the same forward pass as h_n; for k = 0 it is
+    n − 1 (the target itself is step n). Used by the persistence control and the copy baseline.
+    """
+    rows, earlier = offset_pairs(sample_ids, steps, -max(k, 1))
+    lookup = np.full(len(steps), -1, dtype=np.int64)
+    lookup[rows] = earlier
+    return lookup[np.asarray(tgt)]
+
+
 def _resample_weights(n_groups: int, rng: np.random.Generator, n_boot: int) -> np.ndarray:
     """[n_boot, G] counts of each group in a resample with replacement."""
     if n_groups == 0:

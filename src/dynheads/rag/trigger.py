@@ -153,7 +153,7 @@ def sentence_ranges(tokens: Sequence[str]) -> list[TokenSpan]:
 
     A sentence ends with the token holding a run of . ! ? (plus closing quotes/brackets) followed by
     whitespace or the end, or holding a newline. Not after initials ("J.", "U.S.") or common
-    abbreviations (Mr., Dr., St., ...). Trailing whitespace-only tokens join the last sentence.
+    abbreviations (Mr., Dr., St., ...). Whitespace-only stretches join the sentence before them.
     """
     text, starts = _concat(tokens)
     ends: list[int] = []
@@ -163,15 +163,14 @@ def sentence_ranges(tokens: Sequence[str]) -> list[TokenSpan]:
         k = _token_at(starts, m.end() - 1) + 1
         if not ends or k > ends[-1]:
             ends.append(k)
-    out, s = [], 0
-    for e in ends:
-        out.append((s, e))
-        s = e
-    if s < len(tokens):
-        if out and not "".join(tokens[s:]).strip():
-            out[-1] = (out[-1][0], len(tokens))
+    out: list[TokenSpan] = []
+    for s, e in zip([0] + ends, ends + [len(tokens)]):
+        if e <= s:
+            continue
+        if out and not "".join(tokens[s:e]).strip():  # whitespace only: belongs to the sentence before
+            out[-1] = (out[-1][0], e)
         else:
-            out.append((s, len(tokens)))
+            out.append((s, e))
     return out
 
 

@@ -58,7 +58,7 @@ def extract_answer(response: str) -> str:
     that line (DRAGIN's convention for chain-of-thought answers); otherwise the first non-empty line.
     Either is cut at its first sentence end (".", "!" or "?" after a lower-case letter or digit,
     then whitespace; so "U.S. Army" and "J. K. Rowling" stay whole). A leading "Answer:" and
-    surrounding whitespace, quotes and a final period are removed.
+    surrounding whitespace, quotes, asterisks and periods are removed.
     """
     at = response.lower().find(_ANSWER_CUE)
     if at >= 0:
@@ -67,8 +67,7 @@ def extract_answer(response: str) -> str:
         lines = [ln for ln in response.splitlines() if ln.strip()]
         text = re.sub(r"^\s*answer\s*:\s*", "", lines[0] if lines else "", flags=re.IGNORECASE)
     text = re.split(r"(?<=[a-z0-9)\]][.!?])\s+", text.strip(), maxsplit=1)[0]
-    text = text.strip().strip("\"'*`").strip()
-    return text[:-1].rstrip() if text.endswith(".") else text
+    return text.strip(" \t\"'*`.")
 
 
 def _f1(pred: str, gold: str) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,7 +47,7 @@ TITLE_PREFIX = "Title: "
 
 @dataclass(frozen=True)
 class Paragraph:
-    """One context paragraph as read from a file; `support` holds supporting sentence ids (None = whole)."""
+    """One context paragraph as read from a file (IRCoT/MuSiQue: one "sentence", the paragraph text)."""
 
     title: str
     sentences: tuple[str, ...]
@@ -272,10 +272,8 @@ def _hotpotqa(r: dict[str, Any], i: int) -> RawRecord:
 
 
 @formats.register("2wiki")
-def _2wiki(r: dict[str, Any], i: int) -> RawRecord:
-    raw = _hotpotqa(r, i)
-    extra = {k: r[k] for k in ("type", "evidences", "dev_index") if k in r}
-    return RawRecord(raw.id, raw.question, raw.answers, raw.paragraphs, raw.facts, extra)
+def _2wiki(r: dict[str, Any], i: int) -> RawRecord:  # same layout as HotpotQA's, plus evidence triples
+    return replace(_hotpotqa(r, i), extra={k: r[k] for k in ("type", "evidences", "dev_index") if k in r})
 
 
 @formats.register("hotpotqa_hf")

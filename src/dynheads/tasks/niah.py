@@ -27,7 +27,7 @@ NIAH_PROMPT = PromptFormat(
 )
 UUID_NEEDLE = "The magic word is {answer}."
 UUID_QUESTION = "What is the magic word?"
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]?\s")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]?(\s|$)")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,11 @@ class Needle:
     text: str
     question: str
     answer: str
+
+    @property
+    def answer_offset(self) -> int:
+        """Where the answer starts in the needle (case-insensitive, as in Wu et al.'s third needle)."""
+        return self.text.lower().index(self.answer.lower())
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def build_sample(tokenizer, hay: "_HaystackTokens", needle: Needle, length: int,
         if budget <= 0:
             raise ConfigError(f"context length {length} is too short for the prompt and needle")
         context, needle_at = insert_needle(hay.prefix(budget), needle.text, depth)
-        answer_at = needle_at + needle.text.index(needle.answer)
+        answer_at = needle_at + needle.answer_offset
         sample = Sample(
             id=sample_id, context=context, question=needle.question, answer=needle.answer,
             spans={"needle": [(needle_at, needle_at + len(needle.text))],
@@ -153,7 +158,7 @@ def load_needles(path: str) -> list[Needle]:
             answer = (row.get("real_needle") or row.get("answer") or "").strip()
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
             raise DataError(f"needle file {p} line {i}: expected JSON with needle, question, real_needle") from None
-        if not answer or answer not in text:
+        if not answer or answer.lower() not in text.lower():
             raise DataError(f"needle file {p} line {i}: real_needle is not a part of the needle sentence")
         needles.append(Needle(text, question, answer))
     if not needles:

@@ -127,7 +127,8 @@ def _reduce(probs: torch.Tensor, hooks: StepHooks, offset: int) -> dict[str, tor
         out[f"mass_{name}"] = sum(probs[:, max(s - offset, 0): max(e - offset, 0)].sum(-1) for s, e in ranges)
     for name, positions in hooks.row_spans.items():
         idx = torch.tensor([p - offset for p in positions], dtype=torch.long)
-        out[f"rows_{name}"] = probs[:, idx.clamp(min=0)] * (idx >= 0)
+        valid = (idx >= 0) & (idx < n_keys)  # positions not (or no longer) among the keys weigh 0
+        out[f"rows_{name}"] = probs[:, idx.clamp(0, n_keys - 1)] * valid
     lo, hi = max(hooks.sink_tokens - offset, 0), max(n_keys - hooks.local_window, 0)
     out["context_mass"] = probs[:, lo:hi].sum(-1) if hi > lo else probs.new_zeros(probs.shape[0])
     return out
