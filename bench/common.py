@@ -1,0 +1,55 @@
+"""Shared benchmark helpers: NIAH prompts of a given length, timing, and peak memory in a fresh process."""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import psutil
+import torch
+
+from dynheads.models import LoadedModel
+from dynheads.tasks.niah import NiahConfig, niah_samples
+
+
+def niah_prompt(lm: LoadedModel, length: int):
+    """One encoded NIAH sample of `length` tokens with the needle at 50% depth."""
+    return next(niah_samples(lm.tokenizer, NiahConfig(lengths=(length,), depths=(50,), samples_per_cell=1)))
+
+
+def plain_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+    """The baseline: transformers' greedy generate with SDPA."""
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+    return out[0, len(input_ids):].tolist()
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each function, calls interleaved so drift hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_growth_in_child(script: str, *args: str) -> float:
+    """Run `script --child ARGS` in a fresh process; it prints {"growth": bytes} (peak RSS minus RSS before)."""
+    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+
+
+def report_child_growth(fn: Callable[[], object]) -> None:
+    """In a child: RSS high-water mark during `fn` minus the RSS just before it, printed as JSON."""
+    before = psutil.Process().memory_info().rss
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"growth": max(peak - before, 0), "before": before}))

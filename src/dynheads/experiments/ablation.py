@@ -1,0 +1,286 @@
+"""Claim 2 — irreplaceability: per-step ablation grid (Sec. 3.3.1) and progressive ablation (Sec. 3.3.2).
+
+Each sample is prefilled once; every condition forks that prefill through the tracer. At every step
+the tracer runs the clean pass, a selector picks heads from it (selectors.py), and the step is
+recomputed with those heads masked. Choices where the paper is silent (AblationConfig fields,
+reported in the README):
+- masking: `zero` (head output removed before the output projection); `uniform` = Wu et al.'s code.
+- count matching: `average` (default) = round(mean |D_t|) over the steps of the *same sample's*
+  dynamic condition, fixed for all its steps; `step` = |D_t| of each step.
+- random heads: one permutation per sample (Wu et al. draw per cell), seeded from (seed, sample id).
+- static ranking: a separate detection run (never these samples); without one, a detection pass
+  on the same grid with seed + 1 (fresh UUID needles), one sample per cell, in <out>/detection.
+- compensation: E_t = H'_t minus H_t minus the heads masked at t (a masked head cannot compensate);
+  H from the clean pass with its own token, H' from the masked pass with the kept token.
+- progressive samples: one per depth, depths evenly spaced over 0–100%.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from dynheads.config import run_config
+from dynheads.errors import ConfigError
+from dynheads.experiments.dynamism import top_heads
+from dynheads.experiments.static_ranking import load_static_ranking
+from dynheads.experiments.stats import bootstrap_ci, paired_difference
+from dynheads.interventions.methods import ablations
+from dynheads.interventions.selectors import build, make_intervention
+from dynheads.models import LoadedModel
+from dynheads.runs import RunDir
+from dynheads.scores.copy_paste import copy_paste_score
+from dynheads.tasks.base import EncodedSample
+from dynheads.tasks.niah import NiahConfig, niah_samples, score_response
+from dynheads.tracing.runner import run_samples
+from dynheads.tracing.tracer import Trace, TraceConfig, Tracer
+
+PAPER_FIG2 = ("paper (llama3.1-8b, Fig. 2): masking the dynamic heads drives accuracy to ~0 across the "
+              "whole grid; masking as many static or random heads turns only some cells red")
+PAPER_FIG3 = ("paper (llama3.1-8b, Fig. 3): accuracy 1.0 -> 0.0 by k = 20; compensated-static "
+              "overlap 4.5-7 for k >= 5")
+BASELINES = ("static", "static_excluding_dynamic", "random")
+CONDITIONS = ("none", "dynamic") + BASELINES
+COMPARISONS = (("dynamic", "none"), ("dynamic", "static"), ("dynamic", "random"), ("dynamic", "static_excluding_dynamic"))
+METRICS = ("accuracy", "rouge_l")
+_KEEP = ("token_id", "clean_token_id", "token_logprob", "ablated", "top1_pos", "top1_token",
+         "masked_top1_pos", "masked_top1_token")
+# How many heads a baseline masks, from the dynamic condition's masks [T, L, H]; None = per step.
+MATCH = {"average": lambda masks: int(np.floor(masks.reshape(len(masks), -1).sum(1).mean() + 0.5)) if len(masks) else 0,
+         "step": lambda masks: None}
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """Settings shared by the grid and the progressive ablation (see the module docstring)."""
+
+    method: str = "zero"  # ablation method (paper silent): zero | uniform
+    match: str = "average"  # baseline head count: average (per sample) | step (paper: "average")
+    random_per_step: bool = False  # random heads: fixed per sample (default) or redrawn each step
+    span: str = "needle"  # Eq. 1's I_needle
+    static_ranking: str | None = None  # head_score JSON or detection run folder; None = detection pass
+    static_top: int = 20  # static set of the compensation metric (paper: top-20)
+    exclude_ablated: bool = True  # compensation ignores heads masked at the step (paper: E = H' \ H)
+    detection_samples: int = 5  # progressive: samples of the detection pass when no ranking is given
+    n_boot: int = 2000  # bootstrap resamples over samples
+    seed: int = 0  # NIAH needles, random heads, bootstrap
+
+    def __post_init__(self):
+        ablations.get(self.method)
+        if self.match not in MATCH:
+            raise ConfigError(f"unknown --match '{self.match}'; choose one of: {', '.join(MATCH)}")
+
+
+def ablate_sample(tracer: Tracer, encoded: EncodedSample, ranking: np.ndarray,
+                  config: AblationConfig) -> tuple[dict, dict]:
+    """One prefill, then the conditions none, dynamic, static, static-excluding-dynamic, random."""
+    state = tracer.prefill(encoded.input_ids, encoded.token_spans)
+    rng = sample_rng(config.seed, encoded.sample.id)
+    arrays, results = _run_condition(tracer, state, encoded, "none", None, config)
+    dyn, dyn_result = _run_condition(tracer, state, encoded, "dynamic", build("dynamic"), config)
+    arrays.update(dyn), results.update(dyn_result)
+    n = MATCH[config.match](dyn["dynamic__ablated"])
+    for name in BASELINES:
+        select = build(name, ranking=ranking, n=n, rng=rng, per_step=config.random_per_step)
+        more, more_result = _run_condition(tracer, state, encoded, name, select, config)
+        arrays.update(more), results.update(more_result)
+    meta = encoded.sample.metadata
+    return arrays, {"length": meta["length"], "depth": meta["depth"], "matched_heads": n, "conditions": results}
+
+
+def progressive_sample(tracer: Tracer, encoded: EncodedSample, ks: tuple[int, ...], static: np.ndarray,
+                       config: AblationConfig) -> tuple[dict, dict]:
+    """One prefill, then k heads masked per step (progressive selector) for every k."""
+    state = tracer.prefill(encoded.input_ids, encoded.token_spans)
+    arrays, results = {}, {}
+    for k in ks:
+        more, res = _run_condition(tracer, state, encoded, f"k{k}", build("progressive", k=k, span=config.span), config)
+        cond = {n[len(f"k{k}__"):]: v for n, v in more.items()}
+        res[f"k{k}"]["compensation"] = max_static_compensation(
+            compensated_heads(cond, encoded.token_spans, config.span, config.exclude_ablated), static)
+        arrays.update(more), results.update(res)
+    return arrays, {"length": encoded.sample.metadata["length"], "depth": encoded.sample.metadata["depth"],
+                    "conditions": results}
+
+
+def compensated_heads(arrays: dict[str, np.ndarray], token_spans: dict, span: str = "needle",
+                      exclude_ablated: bool = True) -> np.ndarray:
+    """E_t = H'_t \\ H_t, bool [T, L, H] (Sec. 3.3.2): heads retrieving only once others are masked.
+
+    H: Eq. 1 on the clean pass with its own token; H': Eq. 1 on the masked pass with the kept token.
+    exclude_ablated also removes the heads masked at t (our choice; the paper does not say).
+    """
+    if not len(arrays["token_id"]):
+        return np.zeros((0,) + arrays["ablated"].shape[1:], bool)
+    before = copy_paste_score(arrays, token_spans, span=span, generated_key="clean_token_id") >= 1
+    after = copy_paste_score(arrays, token_spans, span=span, pos_key="masked_top1_pos",
+                             token_key="masked_top1_token", generated_key="token_id") >= 1
+    out = after & ~before
+    return out & ~arrays["ablated"] if exclude_ablated else out
+
+
+def max_static_compensation(compensated: np.ndarray, static: np.ndarray) -> int:
+    """m_s = max_t |E_t ∩ static top set| (0 for an empty generation). compensated: bool [T, L, H]."""
+    if not len(compensated):
+        return 0
+    return int((compensated & static).reshape(len(compensated), -1).sum(1).max())
+
+
+def summarise(per_sample: dict[str, dict[str, np.ndarray]], rng: np.random.Generator, n_boot: int = 2000,
+              comparisons=COMPARISONS) -> dict:
+    """Per condition: mean and 95% bootstrap CI of each metric; per comparison: paired a − b over samples.
+
+    per_sample: condition -> metric -> [N] (the same N samples, in the same order, for every condition).
+    """
+    conditions = {c: {m: _describe(m, v, rng, n_boot) for m, v in metrics.items()} for c, metrics in per_sample.items()}
+    tests = [{"a": a, "b": b, "metric": m, **asdict(paired_difference(per_sample[a][m], per_sample[b][m], rng, n_boot))}
+             for a, b in comparisons if a in per_sample and b in per_sample for m in METRICS]
+    return {"conditions": conditions, "comparisons": tests}
+
+
+def cell_means(lengths: np.ndarray, depths: np.ndarray, values: np.ndarray) -> tuple[list, list, np.ndarray]:
+    """Mean of `values` [N] per (depth, length) cell → (lengths, depths, [n_depths, n_lengths])."""
+    ls, ds = sorted(set(lengths.tolist())), sorted(set(depths.tolist()))
+    grid = np.full((len(ds), len(ls)), np.nan)
+    for i, d in enumerate(ds):
+        for j, l in enumerate(ls):
+            sel = (depths == d) & (lengths == l)
+            grid[i, j] = values[sel].mean() if sel.any() else np.nan
+    return ls, ds, grid
+
+
+def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: AblationConfig = AblationConfig(),
+                 trace: TraceConfig = TraceConfig(), quiet: bool = False) -> tuple[RunDir, dict]:
+    """Per-step ablation grid into `out` (resumable), then results/ablation.json and Fig. 2."""
+    from dynheads.report.ablation_figures import ablation_heatmaps
+
+    trace = replace(trace, record_hidden=False, mass_spans=(config.span,))
+    samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
+    run = RunDir.create(out, run_config("ablation", lm, niah.seed, task=niah, trace=trace, ablation=config))
+    detection = replace(niah, samples_per_cell=1, seed=niah.seed + 1)
+    ranking, source = load_static_ranking(config.static_ranking, lm, niah, {e.sample.id for e in samples},
+                                          detection, run.path / "detection", trace, quiet)
+    tracer = Tracer(lm, trace)
+    run_samples(run, samples, lambda enc: ablate_sample(tracer, enc, ranking, config), len(samples), quiet)
+    rows = run.sample_results()
+    per_sample = {c: _metric_arrays(rows, c) for c in CONDITIONS}
+    result = summarise(per_sample, sample_rng(config.seed, "ablation-stats"), config.n_boot)
+    lengths, depths = np.array([r["length"] for r in rows]), np.array([float(r["depth"]) for r in rows])
+    grids = {c: cell_means(lengths, depths, per_sample[c]["accuracy"]) for c in CONDITIONS}
+    result.update(n_samples=len(rows), static_ranking=source, paper=PAPER_FIG2,
+                  matched_heads_mean=float(np.mean([r["matched_heads"] or 0 for r in rows])),
+                  cells={"lengths": grids["none"][0], "depths": grids["none"][1],
+                         "accuracy": {c: g[2] for c, g in grids.items()}})
+    run.write_result("ablation", result)
+    overlap = {c: result["conditions"][c]["overlap_per_step"] for c in CONDITIONS}
+    _save_figure(ablation_heatmaps(grids["none"][0], grids["none"][1], {c: grids[c][2] for c in CONDITIONS[1:]},
+                                   overlap, result["conditions"]["dynamic"]["dynamic_per_step"],
+                                   title=f"{lm.source}: NIAH accuracy with heads masked per step ({config.method})"),
+                 run.figure_path("ablation_heatmaps"))
+    return run, result
+
+
+def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out: str | Path,
+                    config: AblationConfig = AblationConfig(), trace: TraceConfig = TraceConfig(),
+                    quiet: bool = False) -> tuple[RunDir, dict]:
+    """Progressive ablation (k heads per step for every k) into `out`, then results and Fig. 3."""
+    from dynheads.report.ablation_figures import progressive_curve
+
+    check_ks(ks, lm.layout.n_total)
+    trace = replace(trace, record_hidden=False, mass_spans=(config.span,), row_spans=(config.span,))
+    samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
+    run = RunDir.create(out, run_config("ablation-progressive", lm, niah.seed, task=niah, trace=trace,
+                                        ablation=config, ks=list(ks)))
+    detection = progressive_niah(niah.lengths[0], config.detection_samples, niah.seed + 1, niah.haystack)
+    ranking, source = load_static_ranking(config.static_ranking, lm, niah, {e.sample.id for e in samples},
+                                          detection, run.path / "detection", trace, quiet)
+    static = top_heads(ranking, config.static_top)
+    tracer = Tracer(lm, trace)
+    run_samples(run, samples, lambda enc: progressive_sample(tracer, enc, ks, static, config), len(samples), quiet)
+    rows = run.sample_results()
+    per_k = {f"k{k}": _metric_arrays(rows, f"k{k}") for k in ks}
+    result = summarise(per_k, sample_rng(config.seed, "progressive-stats"), config.n_boot, comparisons=())
+    result.update(ks=list(ks), n_samples=len(rows), static_ranking=source, paper=PAPER_FIG3,
+                  static_heads=[lm.layout.label(*divmod(int(i), lm.layout.n_heads)) for i in np.flatnonzero(static)])
+    run.write_result("ablation_progressive", result)
+    conds = result["conditions"]
+    _save_figure(progressive_curve(list(ks), [conds[f"k{k}"]["accuracy"] for k in ks],
+                                   [conds[f"k{k}"]["compensation"] for k in ks],
+                                   title=f"{lm.source}: progressive ablation ({config.method}), {len(rows)} samples"),
+                 run.figure_path("ablation_progressive"))
+    return run, result
+
+
+def progressive_niah(length: int, n_samples: int, seed: int, haystack: str | None = None) -> NiahConfig:
+    """One sample per depth, depths evenly spaced over 0–100% (the paper only says 20 runs at 5000 tokens)."""
+    if n_samples < 1:
+        raise ConfigError("--samples must be at least 1")
+    depths = tuple(dict.fromkeys(round(float(d), 1) for d in np.linspace(0, 100, n_samples)))
+    return NiahConfig(lengths=(length,), depths=depths, samples_per_cell=1, haystack=haystack, seed=seed)
+
+
+def check_ks(ks: tuple[int, ...], n_heads: int) -> None:
+    if not ks:
+        raise ConfigError("--ks is empty")
+    bad = [k for k in ks if not 0 <= k <= n_heads]
+    if bad:
+        raise ConfigError(f"k = {bad[0]} is outside 0..{n_heads} (the model has {n_heads} heads)")
+
+
+def sample_rng(seed: int, key: str) -> np.random.Generator:
+    """An RNG seeded from (seed, a stable hash of the sample id or purpose)."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode())])
+
+
+# --- internals -----------------------------------------------------------------------------
+def _run_condition(tracer: Tracer, state, encoded: EncodedSample, name: str, select, config: AblationConfig):
+    intervention = None if select is None else make_intervention(select, encoded.token_spans, encoded.input_ids,
+                                                                 config.span)
+    trace = tracer.generate(state, intervention=intervention, ablation=config.method, fork=True)
+    arrays, result = _condition_outputs(tracer, trace, encoded, config.span)
+    return {f"{name}__{k}": v for k, v in arrays.items()}, {name: result}
+
+
+def _condition_outputs(tracer: Tracer, trace: Trace, encoded: EncodedSample, span: str) -> tuple[dict, dict]:
+    arrays = {k: v for k, v in trace.arrays().items() if k in _KEEP or k.startswith("mass_")}
+    shape = (len(arrays["token_id"]),) + tracer.lm.layout.shape
+    arrays.setdefault("ablated", np.zeros(shape, bool))
+    if not len(arrays["token_id"]):
+        dynamic = np.zeros(shape, bool)
+    else:
+        key = "clean_token_id" if "clean_token_id" in arrays else "token_id"
+        dynamic = copy_paste_score(arrays, encoded.token_spans, span=span, generated_key=key) >= 1
+    response = tracer.lm.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
+    per_step = lambda m: [int(x) for x in m.reshape(len(m), -1).sum(1)]  # noqa: E731
+    return arrays, {"response": response, "n_steps": len(trace.token_ids), **score_response(response, encoded.sample),
+                    "heads_masked": per_step(arrays["ablated"]), "dynamic": per_step(dynamic),
+                    "overlap": per_step(arrays["ablated"] & dynamic)}
+
+
+def _describe(metric: str, values: np.ndarray, rng: np.random.Generator, n_boot: int):
+    """Answer metrics and compensation get a bootstrap CI; per-step means a plain mean (None if undefined)."""
+    if metric in METRICS + ("compensation",):
+        return asdict(bootstrap_ci(values, rng, n_boot))
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def _metric_arrays(rows: list[dict], cond: str) -> dict[str, np.ndarray]:
+    """Per-sample metrics of one condition [N]; per-step lists become their per-sample mean."""
+    res = [r["conditions"][cond] for r in rows]
+    out = {m: np.array([x[m] for x in res], float) for m in METRICS}
+    for name in ("heads_masked", "dynamic", "overlap"):
+        out[f"{name}_per_step"] = np.array([np.mean(x[name]) if x[name] else np.nan for x in res])
+    if "compensation" in res[0]:
+        out["compensation"] = np.array([x["compensation"] for x in res], float)
+    return out
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
+    plt.close(fig)
