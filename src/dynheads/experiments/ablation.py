@@ -172,7 +172,7 @@ def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: Abl
     result.update(n_samples=len(rows), static_ranking=source, paper=PAPER_FIG2,
                   matched_heads_mean=float(np.mean([r["matched_heads"] or 0 for r in rows])),
                   cells={"lengths": grids["none"][0], "depths": grids["none"][1],
-                         "accuracy": {c: g[2] for c, g in grids.items()}})
+                         "accuracy": {c: _nan_to_none(g[2]) for c, g in grids.items()}})
     run.write_result("ablation", result)
     overlap = {c: result["conditions"][c]["overlap_per_step"] for c in CONDITIONS}
     _save_figure(ablation_heatmaps(grids["none"][0], grids["none"][1], {c: grids[c][2] for c in CONDITIONS[1:]},
@@ -211,6 +211,33 @@ def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out:
                                    title=f"{lm.source}: progressive ablation ({config.method}), {len(rows)} samples"),
                  run.figure_path("ablation_progressive"))
     return run, result
+
+
+def format_grid(result: dict) -> str:
+    """Our per-condition accuracy / ROUGE-L with CIs and the paired comparisons, then the paper's result."""
+    conds = result["conditions"]
+    lines = [f"{'condition':<26}{'accuracy [95% CI]':>22}{'ROUGE-L':>9}{'masked/step':>13}{'masked∩D_t':>12}"]
+    for c in CONDITIONS:
+        m = conds[c]
+        lines.append(f"{c:<26}{_ci(m['accuracy']):>22}{m['rouge_l']['estimate']:>9.3f}"
+                     f"{_num(m['heads_masked_per_step']):>13}{_num(m['overlap_per_step']):>12}")
+    for t in result["comparisons"]:
+        lines.append(f"{t['a']} - {t['b']} ({t['metric']}): {t['mean_difference']:+.3f} "
+                     f"[{t['low']:+.3f}, {t['high']:+.3f}], Wilcoxon p = {t['p_value']:.3g}, n = {t['n']}")
+    lines.append(f"ours: {result['n_samples']} samples, baselines mask {result['matched_heads_mean']:.1f} heads "
+                 f"per step on average (mean |D_t| = {_num(conds['dynamic']['dynamic_per_step'])})")
+    return "\n".join(lines + [PAPER_FIG2])
+
+
+def format_progressive(result: dict) -> str:
+    """Accuracy, ROUGE-L and compensated-static overlap per k, then the paper's Fig. 3 result."""
+    lines = [f"{'k':>4}{'accuracy [95% CI]':>22}{'ROUGE-L':>9}{'m_s [95% CI]':>22}{'masked/step':>13}"]
+    for k in result["ks"]:
+        m = result["conditions"][f"k{k}"]
+        lines.append(f"{k:>4}{_ci(m['accuracy']):>22}{m['rouge_l']['estimate']:>9.3f}{_ci(m['compensation']):>22}"
+                     f"{_num(m['heads_masked_per_step']):>13}")
+    lines.append(f"ours: {result['n_samples']} samples; m_s = max over steps of |E_t ∩ static top set|, mean over samples")
+    return "\n".join(lines + [PAPER_FIG3])
 
 
 def progressive_niah(length: int, n_samples: int, seed: int, haystack: str | None = None) -> NiahConfig:
@@ -257,6 +284,18 @@ def _condition_outputs(tracer: Tracer, trace: Trace, encoded: EncodedSample, spa
     return arrays, {"response": response, "n_steps": len(trace.token_ids), **score_response(response, encoded.sample),
                     "heads_masked": per_step(arrays["ablated"]), "dynamic": per_step(dynamic),
                     "overlap": per_step(arrays["ablated"] & dynamic)}
+
+
+def _ci(interval: dict) -> str:
+    return f"{interval['estimate']:.3f} [{interval['low']:.2f}, {interval['high']:.2f}]"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _nan_to_none(grid: np.ndarray) -> list:
+    return [[None if not np.isfinite(v) else float(v) for v in row] for row in grid]
 
 
 def _describe(metric: str, values: np.ndarray, rng: np.random.Generator, n_boot: int):

@@ -228,3 +228,49 @@ def _stack(steps: list[StepView]) -> dict[str, np.ndarray]:
     if steps[0].hidden is not None:
         out["hidden"] = np.stack([s.hidden for s in steps]).astype(np.float32)
     return out
+
+
+def trace_generation(model, tokenizer, prompt: str | list[int], needle: str | None = None,
+                     needle_span: tuple[int, int] | None = None, chat: bool = True,
+                     config: TraceConfig = TraceConfig()) -> tuple[Trace, dict[str, np.ndarray]]:
+    """One-call tracing for Python users: any HF causal LM + tokenizer, a prompt, and the needle.
+
+    `prompt` is a user message (wrapped in the chat template when `chat` and the tokenizer has one)
+    or token ids. The needle is given as a substring of the prompt (`needle`, located exactly from
+    character offsets) or as a token range (`needle_span`). Returns the trace and its record arrays,
+    including the Eq. 1 `score` [T, layers, heads].
+    """
+    from dynheads.heads import HeadLayout
+    from dynheads.scores.copy_paste import copy_paste_score
+    from dynheads.tasks.base import PromptFormat, Sample, encode
+
+    lm = LoadedModel(model.eval(), tokenizer, HeadLayout.from_config(model.config), "python", "", "")
+    spans: dict[str, list[tuple[int, int]]] = {}
+    if isinstance(prompt, str):
+        fmt = PromptFormat(None, "{context}") if chat else None
+        if fmt is not None and getattr(tokenizer, "chat_template", None):
+            at = prompt.find(needle) if needle else -1
+            sample = Sample("prompt", prompt, "", "", {"needle": [(at, at + len(needle))]} if at >= 0 else {}, fmt)
+            enc = encode(sample, tokenizer)
+            ids, spans = enc.input_ids, enc.token_spans
+        else:
+            enc = tokenizer(prompt, return_offsets_mapping=True)
+            ids = list(enc["input_ids"])
+            if needle and needle in prompt:
+                cs = prompt.index(needle)
+                toks = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < cs + len(needle) and b > cs and b > a]
+                spans = {"needle": [(toks[0], toks[-1] + 1)]}
+    else:
+        ids = list(prompt)
+    if needle_span is not None:
+        spans = {"needle": [tuple(needle_span)]}
+    if needle and "needle" not in spans:
+        from dynheads.errors import DataError
+
+        raise DataError("the needle is not a substring of the prompt")
+    tracer = Tracer(lm, config)
+    trace = tracer.generate(tracer.prefill(ids, spans), fork=False)
+    arrays = trace.arrays()
+    if "needle" in spans and len(arrays["token_id"]):
+        arrays["score"] = copy_paste_score(arrays, spans)
+    return trace, arrays

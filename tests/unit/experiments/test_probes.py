@@ -103,11 +103,11 @@ def test_copy_baseline_wins_when_sets_persist():
 
 def test_regressor_recovers_continuous_scores():
     hidden, scores = _planted(continuous=True)
-    cfg = ProbeConfig(**{**FAST.__dict__, "regress": True})
+    cfg = ProbeConfig(**{**FAST.__dict__, "regress": True, "max_epochs": 60})
     res = probe_heads(hidden, scores, *_ids(), cfg, np.random.default_rng(1))
     m = _by_name(res)
     assert set(m) == {"probe", "ridge", "frequency prior", "position", "copy last set"}
-    assert m["probe"]["r2"] > 0.6 and m["ridge"]["r2"] < 0.2  # |w·h| is invisible to a linear map
+    assert m["probe"]["r2"] > 0.6 and m["ridge"]["r2"] < 0.2  # observed 0.73 and −0.01: |w·h| is not linear
     assert m["probe"]["mse"] < m["frequency prior"]["mse"] / 2
     assert res.beats_all_baselines and res.gap_metric == "variance-weighted R2"
     assert "paper llama3.1-8b" in format_probe_table(res) and "0.8120" in format_probe_table(res)

@@ -98,3 +98,15 @@ def test_hidden_keys_receive_no_attention(tiny_lm):
     arrays = tracer.generate(state).arrays()
     assert np.all(arrays["mass_needle"] == 0.0)
     assert not np.any((arrays["top1_pos"] >= SPAN[0]) & (arrays["top1_pos"] < SPAN[1]))
+
+
+def test_trace_generation_one_call_api(tiny_lm):
+    from dynheads import trace_generation
+
+    ids = _prompt()[0].tolist()
+    trace, arrays = trace_generation(tiny_lm.model, tiny_lm.tokenizer, ids, needle_span=SPAN,
+                                     config=TraceConfig(max_new_tokens=6))
+    assert len(trace.token_ids) == 6 and arrays["score"].shape == (6, 2, 4)
+    expected = ((arrays["top1_pos"] >= SPAN[0]) & (arrays["top1_pos"] < SPAN[1])
+                & (arrays["top1_token"] == arrays["token_id"][:, None, None]))
+    np.testing.assert_array_equal(arrays["score"], expected.astype(np.float32))

@@ -1,0 +1,99 @@
+"""Commands that ablate heads while generating: the per-step grid (`ablate`) and `ablate-progressive`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dynheads.cli.trace import parse_floats, parse_ints
+
+_RANKING = "head_score JSON (e.g. results/head_scores.json of `dynheads dynamism`) or a traced run folder " \
+           "from OTHER samples; default: a detection pass with seed + 1 in <out>/detection"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def ablate(
+        model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
+        lengths: str = typer.Option("1000,2000,4000", help="whole-prompt lengths in tokens"),
+        depths: str = typer.Option("0,25,50,75,100", help="needle depths in percent"),
+        samples_per_cell: int = typer.Option(3, help="samples per (length, depth) cell"),
+        static_ranking: Optional[str] = typer.Option(None, help=_RANKING),
+        method: str = typer.Option("zero", help="ablation method: zero | uniform (Wu et al.'s mean-value)"),
+        match: str = typer.Option("average", help="baseline head count: average (the sample's mean |D_t|) | step"),
+        random_per_step: bool = typer.Option(False, help="redraw the random heads at every step"),
+        haystack: Optional[str] = typer.Option(None, help="folder of .txt files (default: CPython docs prose)"),
+        max_new_tokens: int = typer.Option(48),
+        n_boot: int = typer.Option(2000, help="bootstrap resamples over samples"),
+        seed: int = typer.Option(0),
+        dtype: str = typer.Option("float32"),
+        device: str = typer.Option("cpu"),
+        out: Path = typer.Option(..., help="run folder (resumes when it exists with the same config)"),
+        quiet: bool = typer.Option(False),
+    ):
+        """Per-step ablation (Fig. 2): mask dynamic, static, static-excluding-dynamic or random heads."""
+        from dynheads.experiments import ablation as abl
+        from dynheads.models import load_model
+        from dynheads.tasks.niah import NiahConfig
+        from dynheads.tracing.tracer import TraceConfig
+
+        niah = NiahConfig(parse_ints(lengths, "lengths"), parse_floats(depths, "depths"), samples_per_cell,
+                          haystack, None, seed)
+        config = abl.AblationConfig(method=method, match=match, random_per_step=random_per_step,
+                                    static_ranking=static_ranking, n_boot=n_boot, seed=seed)
+        _check_grid(niah)
+        lm = load_model(model, dtype=dtype, device=device)
+        run, result = abl.run_ablation(lm, niah, out, config, TraceConfig(max_new_tokens=max_new_tokens), quiet)
+        typer.echo(abl.format_grid(result))
+        typer.echo(f"figure: {run.figure_path('ablation_heatmaps')}")
+        typer.echo(str(run.path))
+
+    @app.command("ablate-progressive")
+    def ablate_progressive(
+        model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
+        length: int = typer.Option(2000, help="whole-prompt length in tokens (paper: 5000)"),
+        ks: str = typer.Option("0,5,10,15,20,25,30,35,40,45,50,55,60,65,70", help="heads masked per step"),
+        samples: int = typer.Option(20, help="samples (one per depth, evenly spaced over 0-100%)"),
+        static_ranking: Optional[str] = typer.Option(None, help=_RANKING),
+        static_top: int = typer.Option(20, help="static set of the compensation metric (paper: top-20)"),
+        method: str = typer.Option("zero", help="ablation method: zero | uniform"),
+        haystack: Optional[str] = typer.Option(None, help="folder of .txt files (default: CPython docs prose)"),
+        max_new_tokens: int = typer.Option(48),
+        n_boot: int = typer.Option(2000, help="bootstrap resamples over samples"),
+        seed: int = typer.Option(0),
+        dtype: str = typer.Option("float32"),
+        device: str = typer.Option("cpu"),
+        out: Path = typer.Option(..., help="run folder (resumes when it exists with the same config)"),
+        quiet: bool = typer.Option(False),
+    ):
+        """Progressive ablation (Fig. 3): k heads per step, accuracy and compensation by static heads."""
+        from dynheads.experiments import ablation as abl
+        from dynheads.models import load_model
+        from dynheads.tracing.tracer import TraceConfig
+
+        k_values = parse_ints(ks, "ks")
+        abl.check_ks(k_values, 10**9)  # negative k fails before the model loads; the head count after
+        niah = abl.progressive_niah(length, samples, seed, haystack)
+        config = abl.AblationConfig(method=method, static_ranking=static_ranking, static_top=static_top,
+                                    n_boot=n_boot, seed=seed)
+        _check_grid(niah)
+        lm = load_model(model, dtype=dtype, device=device)
+        run, result = abl.run_progressive(lm, niah, k_values, out, config,
+                                          TraceConfig(max_new_tokens=max_new_tokens), quiet)
+        typer.echo(abl.format_progressive(result))
+        typer.echo(f"figure: {run.figure_path('ablation_progressive')}")
+        typer.echo(str(run.path))
+
+
+def _check_grid(niah) -> None:
+    """Grid errors (empty, bad depth) before the model loads."""
+    from dynheads.errors import ConfigError
+
+    if not niah.lengths or not niah.depths or niah.samples_per_cell < 1:
+        raise ConfigError("the NIAH grid is empty (need lengths, depths and samples-per-cell >= 1)")
+    bad = [d for d in niah.depths if not 0 <= d <= 100]
+    if bad:
+        raise ConfigError(f"depth {bad[0]:g} is outside 0-100")
+    if min(niah.lengths) < 1:
+        raise ConfigError(f"context length {min(niah.lengths)} must be positive")
