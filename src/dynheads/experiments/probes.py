@@ -108,6 +108,58 @@ def probe_heads(
         return _probe_heads(hidden, scores, sample_ids, steps, config, rng)
 
 
+def run(run: RunDir, config: ProbeConfig = ProbeConfig()) -> ProbeResult:
+    """Read a run's records; write results/probe_k{k}.json (regressor: probe_regress_k{k}.json)."""
+    records = run.read_records()
+    result = probe_heads(
+        records.hidden(), records.array("score"), records.sample_ids, records.step, config,
+        np.random.default_rng(config.seed),
+    )
+    run.write_result(f"probe_{'regress_' if config.regress else ''}k{config.offset}", result)
+    return result
+
+
+def format_probe_table(result: ProbeResult) -> str:
+    """The paper's Table 2 (or 3) rows beside ours, with each baseline's gap to the probe."""
+    cols = ("mse", "mae", "r2") if result.task == "regress" else ("f1", "precision", "recall", "auprc")
+    paper = PAPER_TABLE3 if result.task == "regress" else PAPER_TABLE2
+    title = "Table 3 (regressor)" if result.task == "regress" else "Table 2 (active heads; micro over heads x steps)"
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"{title}, offset k={result.offset}, test pairs {result.n_pairs['test']} "
+             f"from {result.n_samples['test']} samples",
+             f"{'row':<28}" + "".join(f"{c:>10}" for c in cols) + f"   {result.gap_metric} gap probe-row [95% CI]"]
+    lines += [f"{'paper ' + m:<28}" + "".join(f"{v:>10.4f}" for v in vals) for m, vals in paper.items()]
+    for row in result.predictors:
+        gap = result.gaps.get(row.name)
+        note = "" if gap is None else (
+            f"   {fmt(gap.gap)} [{fmt(gap.low)}, {fmt(gap.high)}] {'beaten' if gap.excludes_zero else 'NOT beaten'}")
+        lines.append(f"{'ours ' + row.name:<28}" + "".join(f"{fmt(row.metrics.get(c)):>10}" for c in cols) + note)
+    lines.append(f"verdict: probe beats all baselines: {'yes' if result.beats_all_baselines else 'no'}")
+    return "\n".join(lines)
+
+
+def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 4.0, gamma_pos: float = 1.0,
+                    clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
+    """Asymmetric Loss (Ridnik et al. 2021) for multi-label targets [B, heads]; summed over heads, mean over rows."""
+    p = torch.sigmoid(logits)
+    p_neg = (p - clip).clamp(min=0) if clip > 0 else p  # probability shifting discards easy negatives
+    pos = targets * (1 - p).pow(gamma_pos) * torch.log(p.clamp(min=eps))
+    neg = (1 - targets) * p_neg.pow(gamma_neg) * torch.log((1 - p_neg).clamp(min=eps))
+    return -(pos + neg).sum(dim=1).mean()
+
+
+def build_mlp(d_in: int, sizes: tuple[int, ...], d_out: int, dropout: float, activation: str = "relu") -> torch.nn.Module:
+    """Linear → activation → dropout per hidden size, then a linear head (no hidden sizes: a linear probe)."""
+    layers, width = [], d_in
+    for h in sizes:
+        layers += [torch.nn.Linear(width, h), _ACTIVATIONS[activation](), torch.nn.Dropout(dropout)]
+        width = h
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, d_out))
+
+
+# --- private -----------------------------------------------------------------------------
+
+
 def _probe_heads(hidden, scores, sample_ids, steps, config: ProbeConfig, rng) -> ProbeResult:
     flat = np.asarray(scores, dtype=np.float32).reshape(len(scores), -1)
     sample_ids, steps, k = np.asarray(sample_ids).astype(str), np.asarray(steps, dtype=np.int64), config.offset
@@ -166,58 +218,6 @@ def _probe_heads(hidden, scores, sample_ids, steps, config: ProbeConfig, rng) ->
         rows, "variance-weighted R2" if config.regress else "micro-F1", gaps,
         all(g.excludes_zero for g in gaps.values()),
     )
-
-
-def run(run: RunDir, config: ProbeConfig = ProbeConfig()) -> ProbeResult:
-    """Read a run's records; write results/probe_k{k}.json (regressor: probe_regress_k{k}.json)."""
-    records = run.read_records()
-    result = probe_heads(
-        records.hidden(), records.array("score"), records.sample_ids, records.step, config,
-        np.random.default_rng(config.seed),
-    )
-    run.write_result(f"probe_{'regress_' if config.regress else ''}k{config.offset}", result)
-    return result
-
-
-def format_probe_table(result: ProbeResult) -> str:
-    """The paper's Table 2 (or 3) rows beside ours, with each baseline's gap to the probe."""
-    cols = ("mse", "mae", "r2") if result.task == "regress" else ("f1", "precision", "recall", "auprc")
-    paper = PAPER_TABLE3 if result.task == "regress" else PAPER_TABLE2
-    title = "Table 3 (regressor)" if result.task == "regress" else "Table 2 (active heads; micro over heads x steps)"
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [f"{title}, offset k={result.offset}, test pairs {result.n_pairs['test']} "
-             f"from {result.n_samples['test']} samples",
-             f"{'row':<28}" + "".join(f"{c:>10}" for c in cols) + f"   {result.gap_metric} gap probe-row [95% CI]"]
-    lines += [f"{'paper ' + m:<28}" + "".join(f"{v:>10.4f}" for v in vals) for m, vals in paper.items()]
-    for row in result.predictors:
-        gap = result.gaps.get(row.name)
-        note = "" if gap is None else (
-            f"   {fmt(gap.gap)} [{fmt(gap.low)}, {fmt(gap.high)}] {'beaten' if gap.excludes_zero else 'NOT beaten'}")
-        lines.append(f"{'ours ' + row.name:<28}" + "".join(f"{fmt(row.metrics.get(c)):>10}" for c in cols) + note)
-    lines.append(f"verdict: probe beats all baselines: {'yes' if result.beats_all_baselines else 'no'}")
-    return "\n".join(lines)
-
-
-def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 4.0, gamma_pos: float = 1.0,
-                    clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
-    """Asymmetric Loss (Ridnik et al. 2021) for multi-label targets [B, heads]; summed over heads, mean over rows."""
-    p = torch.sigmoid(logits)
-    p_neg = (p - clip).clamp(min=0) if clip > 0 else p  # probability shifting discards easy negatives
-    pos = targets * (1 - p).pow(gamma_pos) * torch.log(p.clamp(min=eps))
-    neg = (1 - targets) * p_neg.pow(gamma_neg) * torch.log((1 - p_neg).clamp(min=eps))
-    return -(pos + neg).sum(dim=1).mean()
-
-
-def build_mlp(d_in: int, sizes: tuple[int, ...], d_out: int, dropout: float, activation: str = "relu") -> torch.nn.Module:
-    """Linear → activation → dropout per hidden size, then a linear head (no hidden sizes: a linear probe)."""
-    layers, width = [], d_in
-    for h in sizes:
-        layers += [torch.nn.Linear(width, h), _ACTIVATIONS[activation](), torch.nn.Dropout(dropout)]
-        width = h
-    return torch.nn.Sequential(*layers, torch.nn.Linear(width, d_out))
-
-
-# --- private -----------------------------------------------------------------------------
 
 
 def _fit_predict(x, y, tr, va, sizes, loss_fn, config: ProbeConfig, seed: int):

@@ -49,7 +49,7 @@ def traced_attention(module, query, key, value, attention_mask, scaling=None, dr
     """query [B, H, q, D]; key/value [B, Hkv, S, D] (un-repeated). Returns ([B, q, H, D], None)."""
     hooks: StepHooks | None = getattr(module, _HOOK_ATTR, None)
     if hooks is not None and hooks.hidden_keys is not None:
-        attention_mask = _with_hidden_keys(attention_mask, hooks, query.shape[-2], key.shape[-2])
+        attention_mask = _with_hidden_keys(attention_mask, hooks, query.shape[-2], key.shape[-2], query.device)
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                     scaling=scaling, **kwargs)
     if hooks is None or (not hooks.record and hooks.head_mask is None):
@@ -126,7 +126,7 @@ def _reduce(probs: torch.Tensor, hooks: StepHooks, offset: int) -> dict[str, tor
     for name, ranges in hooks.spans.items():
         out[f"mass_{name}"] = sum(probs[:, max(s - offset, 0): max(e - offset, 0)].sum(-1) for s, e in ranges)
     for name, positions in hooks.row_spans.items():
-        idx = torch.tensor([p - offset for p in positions], dtype=torch.long)
+        idx = torch.tensor([p - offset for p in positions], dtype=torch.long, device=probs.device)
         valid = (idx >= 0) & (idx < n_keys)  # positions not (or no longer) among the keys weigh 0
         out[f"rows_{name}"] = probs[:, idx.clamp(0, n_keys - 1)] * valid
     lo, hi = max(hooks.sink_tokens - offset, 0), max(n_keys - hooks.local_window, 0)
@@ -134,12 +134,12 @@ def _reduce(probs: torch.Tensor, hooks: StepHooks, offset: int) -> dict[str, tor
     return out
 
 
-def _with_hidden_keys(attention_mask, hooks: StepHooks, q_len: int, kv_len: int) -> torch.Tensor:
+def _with_hidden_keys(attention_mask, hooks: StepHooks, q_len: int, kv_len: int, device) -> torch.Tensor:
     """A boolean [1, 1, q, S] mask: causal (or the given mask) and no hidden key."""
-    hidden = hooks.hidden_keys[hooks.seq_len - kv_len: hooks.seq_len]
+    hidden = hooks.hidden_keys[hooks.seq_len - kv_len: hooks.seq_len].to(device)
     if attention_mask is None:
-        q_pos = torch.arange(kv_len - q_len, kv_len)[:, None]
-        allowed = torch.arange(kv_len)[None, :] <= q_pos
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        allowed = torch.arange(kv_len, device=device)[None, :] <= q_pos
     elif attention_mask.dtype == torch.bool:
         allowed = attention_mask[0, 0]
     else:

@@ -108,7 +108,9 @@ def test_run_writes_result_and_figure(tmp_path):
     hidden, scores = _planted(k=1)
     run = _write_run(tmp_path, hidden, scores, 12)
     res = cca.run(RunDir.open(run.path), CcaConfig(max_offset=2, n_boot=100))
-    stored = json.loads((run.path / "results" / "cca.json").read_text())
+    text = (run.path / "results" / "cca.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    stored = json.loads(text)
     assert [o["k"] for o in stored["offsets"]] == [0, 1, 2]
     assert stored["offsets"][1]["heldout"]["top1"] == pytest.approx(res.offsets[1].heldout.top1)
     assert stored["paper_top1"][0] == 0.965
@@ -140,3 +142,20 @@ def test_bad_input_raises_one_line_data_errors(tmp_path):
     run = _write_run(tmp_path, hidden, scores, 6, with_hidden=False)
     with pytest.raises(DataError, match="hidden"):
         cca.run(RunDir.open(run.path), CcaConfig(max_offset=1))
+
+
+def test_cca_command_prints_the_table_then_the_run_folder(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from dynheads.cli.correlation import register
+
+    app = typer.Typer()
+    register(app)
+    hidden, scores = _planted(k=0)
+    run = _write_run(tmp_path, hidden, scores, 8)
+    out = CliRunner().invoke(app, ["cca", str(run.path), "--max-offset", "1", "--seed", "3"])
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == str(run.path) and lines[0].split()[:2] == ["k", "paper"]
+    assert json.loads((run.path / "results" / "cca.json").read_text())["config"]["seed"] == 3

@@ -1,5 +1,6 @@
 """MLP probe and its baselines on synthetic runs with planted relations, plus the run edge and bad input."""
 import json
+from dataclasses import replace
 import math
 
 import numpy as np
@@ -83,7 +84,7 @@ def test_probe_fails_on_shuffled_labels():
 
 def test_offset_probe_reads_the_future_only_at_the_planted_offset():
     hidden, scores = _planted(k=2)
-    at2 = probe_heads(hidden, scores, *_ids(), ProbeConfig(**{**FAST.__dict__, "offset": 2}), np.random.default_rng(1))
+    at2 = probe_heads(hidden, scores, *_ids(), replace(FAST, offset=2), np.random.default_rng(1))
     at0 = probe_heads(hidden, scores, *_ids(), FAST, np.random.default_rng(1))
     assert at2.beats_all_baselines and at2.n_pairs["train"] + at2.n_pairs["val"] + at2.n_pairs["test"] == S * (T - 2)
     assert not at0.beats_all_baselines
@@ -94,7 +95,7 @@ def test_copy_baseline_wins_when_sets_persist():
     hidden = rng.normal(size=(S * T, D)).astype(np.float32)
     blocks = rng.random((S, T // 5, L * H)) < 0.3  # each set is held for 5 steps; hidden says nothing
     scores = np.repeat(blocks, 5, axis=1).reshape(-1, L, H).astype(np.float32)
-    cfg = ProbeConfig(**{**FAST.__dict__, "shuffled_baseline": False, "max_epochs": 5})
+    cfg = replace(FAST, shuffled_baseline=False, max_epochs=5)
     res = probe_heads(hidden, scores, *_ids(), cfg, np.random.default_rng(1))
     m = _by_name(res)
     assert m["copy last set"]["f1"] > 0.7 and m["copy last set"]["f1"] > m["probe"]["f1"] + 0.2
@@ -103,7 +104,7 @@ def test_copy_baseline_wins_when_sets_persist():
 
 def test_regressor_recovers_continuous_scores():
     hidden, scores = _planted(continuous=True)
-    cfg = ProbeConfig(**{**FAST.__dict__, "regress": True, "max_epochs": 60})
+    cfg = replace(FAST, regress=True, max_epochs=60)
     res = probe_heads(hidden, scores, *_ids(), cfg, np.random.default_rng(1))
     m = _by_name(res)
     assert set(m) == {"probe", "ridge", "frequency prior", "position", "copy last set"}
@@ -129,7 +130,9 @@ def test_run_writes_the_result_file(tmp_path):
     run = _write_run(tmp_path, hidden, scores, 12)
     cfg = ProbeConfig(max_epochs=2, n_boot=50, shuffled_baseline=False)
     res = probes.run(RunDir.open(run.path), cfg)
-    stored = json.loads((run.path / "results" / "probe_k0.json").read_text())
+    text = (run.path / "results" / "probe_k0.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    stored = json.loads(text)
     assert stored["predictors"][0]["name"] == "probe" and stored["offset"] == 0
     assert stored["predictors"][0]["metrics"]["f1"] == pytest.approx(res.predictors[0].metrics["f1"])
     assert stored["config"]["split"] == [0.7, 0.2, 0.1]
@@ -151,3 +154,20 @@ def test_bad_input_raises_one_line_errors(tmp_path):
         ProbeConfig(split=(0.5, 0.2, 0.1))
     with pytest.raises(ConfigError, match="activation"):
         ProbeConfig(activation="swish")
+
+
+def test_probe_command_prints_the_table_then_the_run_folder(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from dynheads.cli.correlation import register
+
+    app = typer.Typer()
+    register(app)
+    hidden, scores = _planted(continuous=True)
+    run = _write_run(tmp_path, hidden, scores, 10)
+    out = CliRunner().invoke(app, ["probe", str(run.path), "--offset", "1", "--regress", "--max-epochs", "2"])
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == str(run.path) and lines[0].startswith("Table 3")
+    assert json.loads((run.path / "results" / "probe_regress_k1.json").read_text())["offset"] == 1
