@@ -92,7 +92,8 @@ def temporal_cca(
 ) -> CcaResult:
     """Canonical correlations of hidden [N, d] at step n with scores [N, L, H] at step n + k, per k.
 
-    Pairs stay within a sample; min-max, PCA and CCA are fit on train samples for held-out values.
+    Pairs stay within a sample. Min-max and PCA are fit once per split on every step's row (not per k);
+    held-out values fit them and the CCA on train samples only and correlate the projected test pairs.
     """
     with threadpool_limits(config.threads or None):
         return _temporal_cca(hidden, scores, sample_ids, steps, offsets, config, rng)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dynheads.scores.base import head_score
+
 # --- defaults where the paper is silent (third-party choices, see module docstring) ---------------
 SINK_POSITIONS = 4  # attention-sink positions excluded from the denominator: the first 4 of the sequence
 LOCAL_WINDOW = 32  # local window excluded from the denominator: the last 32 positions (query included)
@@ -33,6 +35,17 @@ def reasoning_score(mass_support: np.ndarray, context_mass: np.ndarray) -> np.nd
     out = np.zeros(num.shape, dtype=np.float32)
     np.divide(num, den, out=out, where=den > 0)
     return out
+
+
+@head_score("reasoning", needs=("mass_support", "context_mass"), mass_spans=("support",),
+            threshold=ACTIVE_THRESHOLD)
+def reasoning_head_score(arrays: dict[str, np.ndarray], token_spans: dict, span: str = "support") -> np.ndarray:
+    """Eq. 2 per step and head from a sample's record arrays: mass_<span> / context_mass, float32 [T, L, H].
+
+    The registered multi-hop head score (run config `score.name = "reasoning"`); a head is active at a
+    step when its score reaches the threshold (`HeadScore.active` compares with >=, `active_heads` with >).
+    """
+    return reasoning_score(arrays[f"mass_{span}"], arrays["context_mass"])
 
 
 def active_heads(score: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> np.ndarray:
