@@ -9,24 +9,23 @@ import typer
 from dynheads.errors import ConfigError
 
 
-def parse_ints(text: str, name: str) -> tuple[int, ...]:
+def parse_list(text: str, name: str, cast=int) -> tuple:
+    """Comma-separated values of one type for flag --name; a one-line ConfigError otherwise."""
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(cast(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ConfigError(f"--{name} expects comma-separated integers, got '{text}'") from None
+        raise ConfigError(f"--{name} expects comma-separated {cast.__name__} values, got '{text}'") from None
     if not values:
         raise ConfigError(f"--{name} is empty")
     return values
+
+
+def parse_ints(text: str, name: str) -> tuple[int, ...]:
+    return parse_list(text, name, int)
 
 
 def parse_floats(text: str, name: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"--{name} expects comma-separated numbers, got '{text}'") from None
-    if not values:
-        raise ConfigError(f"--{name} is empty")
-    return values
+    return parse_list(text, name, float)
 
 
 def register(app: typer.Typer) -> None:
