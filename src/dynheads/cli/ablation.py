@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
         samples_per_cell: int = typer.Option(3, help="samples per (length, depth) cell"),
         static_ranking: Optional[str] = typer.Option(None, help=_RANKING),
         method: str = typer.Option("zero", help="ablation method: zero | uniform (Wu et al.'s mean-value)"),
-        match: str = typer.Option("average", help="baseline head count: average (the sample's mean |D_t|) | step"),
+        match: str = typer.Option("average", help="baseline head count: average (mean |D_t| of the sample's dynamic "
+                                  "condition) | unmasked (mean |D_t| of its unmasked run) | step (each step's |D_t|)"),
         random_per_step: bool = typer.Option(False, help="redraw the random heads at every step"),
         haystack: Optional[str] = typer.Option(None, help="folder of .txt files (default: CPython docs prose)"),
         max_new_tokens: int = typer.Option(48),
@@ -33,19 +34,21 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False),
     ):
         """Per-step ablation (Fig. 2): mask dynamic, static, static-excluding-dynamic or random heads."""
-        from dynheads.experiments import ablation as abl
-        from dynheads.models import load_model
         from dynheads.tasks.niah import NiahConfig
-        from dynheads.tracing.tracer import TraceConfig
 
         niah = NiahConfig(parse_ints(lengths, "lengths"), parse_floats(depths, "depths"), samples_per_cell,
                           haystack, None, seed)
+        _check_grid(niah)  # before the heavy imports and the model
+        from dynheads.experiments import ablation as abl
+        from dynheads.models import load_model
+        from dynheads.report.ablation_figures import ablation_table
+        from dynheads.tracing.tracer import TraceConfig
+
         config = abl.AblationConfig(method=method, match=match, random_per_step=random_per_step,
                                     static_ranking=static_ranking, n_boot=n_boot, seed=seed)
-        _check_grid(niah)
         lm = load_model(model, dtype=dtype, device=device)
         run, result = abl.run_ablation(lm, niah, out, config, TraceConfig(max_new_tokens=max_new_tokens), quiet)
-        typer.echo(abl.format_grid(result))
+        typer.echo(ablation_table(result))
         typer.echo(f"figure: {run.figure_path('ablation_heatmaps')}")
         typer.echo(str(run.path))
 
@@ -68,20 +71,25 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False),
     ):
         """Progressive ablation (Fig. 3): k heads per step, accuracy and compensation by static heads."""
-        from dynheads.experiments import ablation as abl
-        from dynheads.models import load_model
-        from dynheads.tracing.tracer import TraceConfig
+        from dynheads.errors import ConfigError
 
         k_values = parse_ints(ks, "ks")
-        abl.check_ks(k_values, 10**9)  # negative k fails before the model loads; the head count after
+        if min(k_values) < 0:  # before the heavy imports; k above the head count fails once the model is known
+            raise ConfigError(f"k = {min(k_values)} must not be negative")
+        if samples < 1 or not 0 < length:
+            raise ConfigError("--samples and --length must be at least 1")
+        from dynheads.experiments import ablation as abl
+        from dynheads.models import load_model
+        from dynheads.report.ablation_figures import progressive_table
+        from dynheads.tracing.tracer import TraceConfig
+
         niah = abl.progressive_niah(length, samples, seed, haystack)
         config = abl.AblationConfig(method=method, static_ranking=static_ranking, static_top=static_top,
                                     n_boot=n_boot, seed=seed)
-        _check_grid(niah)
         lm = load_model(model, dtype=dtype, device=device)
         run, result = abl.run_progressive(lm, niah, k_values, out, config,
                                           TraceConfig(max_new_tokens=max_new_tokens), quiet)
-        typer.echo(abl.format_progressive(result))
+        typer.echo(progressive_table(result))
         typer.echo(f"figure: {run.figure_path('ablation_progressive')}")
         typer.echo(str(run.path))
 

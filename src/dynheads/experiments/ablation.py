@@ -6,7 +6,9 @@ recomputed with those heads masked. Choices where the paper is silent (AblationC
 reported in the README):
 - masking: `zero` (head output removed before the output projection); `uniform` = Wu et al.'s code.
 - count matching: `average` (default) = round(mean |D_t|) over the steps of the *same sample's*
-  dynamic condition, fixed for all its steps; `step` = |D_t| of each step.
+  dynamic condition, fixed for all its steps; `unmasked` = the same over its unmasked run (masking
+  D_t derails retrieval, after which D_t is empty, so `average` is the smaller count); `step` =
+  |D_t| of each step of the baseline's own run.
 - random heads: one permutation per sample (Wu et al. draw per cell), seeded from (seed, sample id).
 - static ranking: a separate detection run (never these samples); without one, a detection pass
   on the same grid with seed + 1 (fresh UUID needles), one sample per cell, in <out>/detection.
@@ -43,13 +45,16 @@ PAPER_FIG3 = ("paper (llama3.1-8b, Fig. 3): accuracy 1.0 -> 0.0 by k = 20; compe
               "overlap 4.5-7 for k >= 5")
 BASELINES = ("static", "static_excluding_dynamic", "random")
 CONDITIONS = ("none", "dynamic") + BASELINES
-COMPARISONS = (("dynamic", "none"), ("dynamic", "static"), ("dynamic", "random"), ("dynamic", "static_excluding_dynamic"))
+COMPARISONS = (("dynamic", "none"), ("dynamic", "static"), ("dynamic", "random"),
+               ("dynamic", "static_excluding_dynamic"))
 METRICS = ("accuracy", "rouge_l")
 _KEEP = ("token_id", "clean_token_id", "token_logprob", "ablated", "top1_pos", "top1_token",
          "masked_top1_pos", "masked_top1_token")
-# How many heads a baseline masks, from the dynamic condition's masks [T, L, H]; None = per step.
-MATCH = {"average": lambda masks: int(np.floor(masks.reshape(len(masks), -1).sum(1).mean() + 0.5)) if len(masks) else 0,
-         "step": lambda masks: None}
+# How many heads a baseline masks, from per-step counts of the sample's dynamic-condition masks
+# ("dynamic") and of D_t in its unmasked run ("none"); None = each step's own |D_t|.
+MATCH = {"average": lambda counts: _round_mean(counts["dynamic"]),
+         "unmasked": lambda counts: _round_mean(counts["none"]),
+         "step": lambda counts: None}
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class AblationConfig:
     """Settings shared by the grid and the progressive ablation (see the module docstring)."""
 
     method: str = "zero"  # ablation method (paper silent): zero | uniform
-    match: str = "average"  # baseline head count: average (per sample) | step (paper: "average")
+    match: str = "average"  # baseline head count: average | unmasked | step (paper: "average"; see above)
     random_per_step: bool = False  # random heads: fixed per sample (default) or redrawn each step
     span: str = "needle"  # Eq. 1's I_needle
     static_ranking: str | None = None  # head_score JSON or detection run folder; None = detection pass
@@ -81,7 +86,7 @@ def ablate_sample(tracer: Tracer, encoded: EncodedSample, ranking: np.ndarray,
     arrays, results = _run_condition(tracer, state, encoded, "none", None, config)
     dyn, dyn_result = _run_condition(tracer, state, encoded, "dynamic", build("dynamic"), config)
     arrays.update(dyn), results.update(dyn_result)
-    n = MATCH[config.match](dyn["dynamic__ablated"])
+    n = MATCH[config.match]({c: results[c]["dynamic" if c == "none" else "heads_masked"] for c in ("none", "dynamic")})
     for name in BASELINES:
         select = build(name, ranking=ranking, n=n, rng=rng, per_step=config.random_per_step)
         more, more_result = _run_condition(tracer, state, encoded, name, select, config)
@@ -170,12 +175,13 @@ def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: Abl
     lengths, depths = np.array([r["length"] for r in rows]), np.array([float(r["depth"]) for r in rows])
     grids = {c: cell_means(lengths, depths, per_sample[c]["accuracy"]) for c in CONDITIONS}
     result.update(n_samples=len(rows), static_ranking=source, paper=PAPER_FIG2,
-                  matched_heads_mean=float(np.mean([r["matched_heads"] or 0 for r in rows])),
+                  matched_heads_mean=None if config.match == "step"
+                  else float(np.mean([r["matched_heads"] for r in rows])),
                   cells={"lengths": grids["none"][0], "depths": grids["none"][1],
                          "accuracy": {c: _nan_to_none(g[2]) for c, g in grids.items()}})
     run.write_result("ablation", result)
     overlap = {c: result["conditions"][c]["overlap_per_step"] for c in CONDITIONS}
-    _save_figure(ablation_heatmaps(grids["none"][0], grids["none"][1], {c: grids[c][2] for c in CONDITIONS[1:]},
+    _save_figure(ablation_heatmaps(grids["none"][0], grids["none"][1], {c: grids[c][2] for c in CONDITIONS},
                                    overlap, result["conditions"]["dynamic"]["dynamic_per_step"],
                                    title=f"{lm.source}: NIAH accuracy with heads masked per step ({config.method})"),
                  run.figure_path("ablation_heatmaps"))
@@ -207,37 +213,10 @@ def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out:
     run.write_result("ablation_progressive", result)
     conds = result["conditions"]
     _save_figure(progressive_curve(list(ks), [conds[f"k{k}"]["accuracy"] for k in ks],
-                                   [conds[f"k{k}"]["compensation"] for k in ks],
+                                   [conds[f"k{k}"]["compensation"] for k in ks], config.static_top,
                                    title=f"{lm.source}: progressive ablation ({config.method}), {len(rows)} samples"),
                  run.figure_path("ablation_progressive"))
     return run, result
-
-
-def format_grid(result: dict) -> str:
-    """Our per-condition accuracy / ROUGE-L with CIs and the paired comparisons, then the paper's result."""
-    conds = result["conditions"]
-    lines = [f"{'condition':<26}{'accuracy [95% CI]':>22}{'ROUGE-L':>9}{'masked/step':>13}{'masked∩D_t':>12}"]
-    for c in CONDITIONS:
-        m = conds[c]
-        lines.append(f"{c:<26}{_ci(m['accuracy']):>22}{m['rouge_l']['estimate']:>9.3f}"
-                     f"{_num(m['heads_masked_per_step']):>13}{_num(m['overlap_per_step']):>12}")
-    for t in result["comparisons"]:
-        lines.append(f"{t['a']} - {t['b']} ({t['metric']}): {t['mean_difference']:+.3f} "
-                     f"[{t['low']:+.3f}, {t['high']:+.3f}], Wilcoxon p = {t['p_value']:.3g}, n = {t['n']}")
-    lines.append(f"ours: {result['n_samples']} samples, baselines mask {result['matched_heads_mean']:.1f} heads "
-                 f"per step on average (mean |D_t| = {_num(conds['dynamic']['dynamic_per_step'])})")
-    return "\n".join(lines + [PAPER_FIG2])
-
-
-def format_progressive(result: dict) -> str:
-    """Accuracy, ROUGE-L and compensated-static overlap per k, then the paper's Fig. 3 result."""
-    lines = [f"{'k':>4}{'accuracy [95% CI]':>22}{'ROUGE-L':>9}{'m_s [95% CI]':>22}{'masked/step':>13}"]
-    for k in result["ks"]:
-        m = result["conditions"][f"k{k}"]
-        lines.append(f"{k:>4}{_ci(m['accuracy']):>22}{m['rouge_l']['estimate']:>9.3f}{_ci(m['compensation']):>22}"
-                     f"{_num(m['heads_masked_per_step']):>13}")
-    lines.append(f"ours: {result['n_samples']} samples; m_s = max over steps of |E_t ∩ static top set|, mean over samples")
-    return "\n".join(lines + [PAPER_FIG3])
 
 
 def progressive_niah(length: int, n_samples: int, seed: int, haystack: str | None = None) -> NiahConfig:
@@ -271,7 +250,9 @@ def _run_condition(tracer: Tracer, state, encoded: EncodedSample, name: str, sel
 
 
 def _condition_outputs(tracer: Tracer, trace: Trace, encoded: EncodedSample, span: str) -> tuple[dict, dict]:
-    arrays = {k: v for k, v in trace.arrays().items() if k in _KEEP or k.startswith("mass_")}
+    # Trace.arrays() of an intervention trace that stopped at its first step raises KeyError (no clean arrays)
+    stacked = trace.arrays() if trace.token_ids else {"token_id": np.zeros(0, np.int64)}
+    arrays = {k: v for k, v in stacked.items() if k in _KEEP or k.startswith("mass_")}
     shape = (len(arrays["token_id"]),) + tracer.lm.layout.shape
     arrays.setdefault("ablated", np.zeros(shape, bool))
     if not len(arrays["token_id"]):
@@ -280,18 +261,15 @@ def _condition_outputs(tracer: Tracer, trace: Trace, encoded: EncodedSample, spa
         key = "clean_token_id" if "clean_token_id" in arrays else "token_id"
         dynamic = copy_paste_score(arrays, encoded.token_spans, span=span, generated_key=key) >= 1
     response = tracer.lm.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
-    per_step = lambda m: [int(x) for x in m.reshape(len(m), -1).sum(1)]  # noqa: E731
+    per_step = lambda m: [int(x) for x in m.reshape(len(m), -1).sum(1)] if len(m) else []  # noqa: E731
     return arrays, {"response": response, "n_steps": len(trace.token_ids), **score_response(response, encoded.sample),
                     "heads_masked": per_step(arrays["ablated"]), "dynamic": per_step(dynamic),
                     "overlap": per_step(arrays["ablated"] & dynamic)}
 
 
-def _ci(interval: dict) -> str:
-    return f"{interval['estimate']:.3f} [{interval['low']:.2f}, {interval['high']:.2f}]"
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def _round_mean(counts: list[int]) -> int:
+    """Mean per-step count rounded half up (0 for an empty generation)."""
+    return int(np.floor(np.mean(counts) + 0.5)) if len(counts) else 0
 
 
 def _nan_to_none(grid: np.ndarray) -> list:

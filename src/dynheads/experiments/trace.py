@@ -1,8 +1,15 @@
-"""Detection runs: trace a task's samples with the plain tracer and the task's head score."""
+"""Detection runs: trace a task's samples with the plain tracer and the task's head score.
+
+`run_niah` (Eq. 1 copy-paste score) and `run_multihop` (HotpotQA-style QA, Eq. 2 reasoning score with
+the supporting facts as the needle span, EM/F1, and the Fig. 6 grid of context length × support depth).
+"""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from dynheads.config import run_config
 from dynheads.models import LoadedModel
@@ -26,3 +33,136 @@ def run_niah(lm: LoadedModel, niah: NiahConfig, out: str | Path, trace: TraceCon
     total = len(niah.lengths) * len(niah.depths) * niah.samples_per_cell
     run_samples(run, samples, lambda enc: trace_sample(tracer, enc, score, score_response), total, quiet)
     return run
+
+
+# --- multi-hop QA (paper Sec. 4) ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MultihopConfig:
+    """Which multi-hop file and how to prompt it (stored in the run config)."""
+
+    data: str
+    limit: int | None = None  # samples kept (records skipped for missing support do not count)
+    format: str = "auto"  # a layout of tasks.multihop.formats, or auto-detect from the first record
+    prompt: str = "short"  # tasks.multihop.PROMPTS: "short" answers (Fig. 6 EM/F1) or "cot" (as Dynamic RAG)
+
+
+@dataclass
+class Fig6Table:
+    """Samples and mean F1 per (context length bin × support depth bin); Fig. 6's grid (our reading)."""
+
+    length_centres: list[int]  # tokens
+    depth_centres: list[float]  # percent
+    n: list[list[int]]  # [length bins][depth bins]
+    mean_f1: list[list[float | None]]  # None where a cell has no sample
+    n_outside: int  # samples outside the grid (longer contexts, or no support)
+
+
+def score_answer(response: str, sample) -> dict[str, Any]:
+    """EM/F1 of the short answer inside a response (`accuracy` = EM, for code written for NIAH)."""
+    from dynheads.tasks.metrics import exact_match, extract_answer, f1_score
+
+    pred = extract_answer(response)
+    em = exact_match(pred, sample.answers)
+    return {"prediction": pred, "em": em, "f1": f1_score(pred, sample.answers), "accuracy": em}
+
+
+def fig6_table(rows: list[tuple[int, float, float]], bins=None) -> Fig6Table:
+    """rows: (context tokens, support depth in %, F1) per sample → the Fig. 6 grid of counts and mean F1."""
+    from dynheads.tasks.multihop import Fig6Bins, fig6_cell
+
+    bins = bins or Fig6Bins()
+    n = np.zeros((bins.n_length_bins, bins.n_depth_bins), int)
+    total = np.zeros(n.shape)
+    outside = 0
+    for length, depth, f1 in rows:
+        cell = fig6_cell(int(length), float(depth), bins)
+        if cell is None:
+            outside += 1
+            continue
+        n[cell] += 1
+        total[cell] += f1
+    mean = [[float(total[i, j] / n[i, j]) if n[i, j] else None for j in range(n.shape[1])] for i in range(n.shape[0])]
+    return Fig6Table(bins.length_centres(), bins.depth_centres(), n.tolist(), mean, outside)
+
+
+def load_questions(task: MultihopConfig):
+    """The task's samples and load report; one-line errors name the file (unknown layout, nothing usable)."""
+    from dynheads.errors import ConfigError, DataError
+    from dynheads.tasks.multihop import PROMPTS, formats, multihop
+
+    if task.format != "auto" and task.format not in formats:
+        raise ConfigError(f"{task.data}: unknown format '{task.format}'; choose auto or one of: {', '.join(formats.names())}")
+    if task.prompt not in PROMPTS:
+        raise ConfigError(f"unknown multihop prompt '{task.prompt}'; choose one of: {', '.join(PROMPTS)}")
+    if task.limit is not None and task.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {task.limit}")
+    loaded = multihop(task.data, task.limit, task.format, task.prompt)
+    if not len(loaded):
+        raise DataError(f"{task.data}: no usable records ({loaded.report.n_missing_support} of "
+                        f"{loaded.report.n_records} skipped: supporting facts missing from their context)")
+    return loaded
+
+
+def run_multihop(lm: LoadedModel, data_path: str | Path, limit: int | None, out: str | Path,
+                 trace_config: TraceConfig = TraceConfig(), format: str = "auto", quiet: bool = False,
+                 prompt: str = "short") -> RunDir:
+    """Trace multi-hop QA into `out` (resuming) with the Eq. 2 reasoning score on the supporting facts.
+
+    Writes per-sample EM/F1, context length and support depth; results/multihop.json holds the load
+    report (records skipped because a supporting fact is missing), EM/F1 and the Fig. 6 table, and
+    figures/fig6_f1.png draws it.
+    """
+    from dynheads.errors import DataError
+    from dynheads.tasks.base import encode
+    from dynheads.tasks.multihop import support_depth
+
+    task = MultihopConfig(str(data_path), limit, format, prompt)
+    loaded = load_questions(task)
+    score = get_score("reasoning")
+    trace = replace(trace_config, mass_spans=tuple(dict.fromkeys(score.mass_spans + tuple(
+        n for n in trace_config.mass_spans if n != "needle"))))
+    config = run_config("multihop", lm, 0, task=task, trace=trace, score={"name": score.name, "args": {"span": "support"}})
+    run = RunDir.create(out, config)
+    tracer = Tracer(lm, trace)
+
+    def work(enc):
+        if lm.max_positions and enc.prompt_len + trace.max_new_tokens > lm.max_positions:
+            raise DataError(f"{data_path}: sample {enc.sample.id}: prompt of {enc.prompt_len} tokens is too long "
+                            f"for the model's {lm.max_positions} positions")
+        arrays, result = trace_sample(tracer, enc, score, score_answer)
+        cs, ce = enc.context_tokens
+        depth = support_depth(enc.sample.spans["support"], len(enc.sample.context))
+        return arrays, {**result, "context_length": ce - cs, "support_depth": depth}
+
+    run_samples(run, (encode(s, lm.tokenizer) for s in loaded), work, len(loaded), quiet)
+    write_multihop_summary(run, loaded.report)
+    return run
+
+
+def write_multihop_summary(run: RunDir, report) -> dict[str, Any]:
+    """results/multihop.json (EM/F1, load report, Fig. 6 table) and figures/fig6_f1.png of a multihop run."""
+    from dynheads.report.multihop_figures import fig6_heatmap
+
+    results = run.sample_results()
+    table = fig6_table([(r["context_length"], r["support_depth"], r["f1"]) for r in results])
+    summary = {"n_samples": len(results), "em": float(np.mean([r["em"] for r in results])),
+               "f1": float(np.mean([r["f1"] for r in results])), "load_report": asdict(report), "fig6": asdict(table)}
+    run.write_result("multihop", summary)
+    fig = fig6_heatmap(table, title=f"{Path(run.config['model']['source']).name}: F1 by context length × support depth")
+    fig.savefig(run.figure_path("fig6_f1"), dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return summary
+
+
+def format_fig6_table(table: dict[str, Any]) -> str:
+    """The Fig. 6 grid as text: one row per context-length bin, `n:F1` per support-depth bin."""
+    head = f"{'ctx tokens':>10} | " + " ".join(f"{d:>7.0f}%" for d in table["depth_centres"])
+    lines = [head]
+    for centre, ns, f1s in zip(table["length_centres"], table["n"], table["mean_f1"]):
+        if any(ns):
+            lines.append(f"{centre:>10} | " + " ".join(f"{n:>2}:{f:.2f}" if n else f"{'.':>8}" for n, f in zip(ns, f1s)))
+    lines.append(f"(cells: samples:mean F1; {table['n_outside']} samples outside the grid)")
+    return "\n".join(lines)
