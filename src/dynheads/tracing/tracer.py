@@ -72,6 +72,7 @@ class Trace:
     stop_id: int | None
     clean: list[StepView] | None = None
     masks: list[np.ndarray] | None = None
+    shape: tuple[int, int] = (0, 0)  # (layers, heads)
 
     @property
     def token_ids(self) -> list[int]:
@@ -80,7 +81,9 @@ class Trace:
     def arrays(self) -> dict[str, np.ndarray]:
         """Stack the steps into record arrays (see records.py for names and shapes)."""
         out = _stack(self.steps)
-        if self.clean is not None:
+        if self.clean is not None and not self.clean:  # stopped at the first step: nothing was ablated
+            out["ablated"] = np.zeros((0, *self.shape), bool)
+        elif self.clean is not None:
             clean = _stack(self.clean)
             out = {("masked_" + k if k in ("top1_pos", "top1_token") else k): v for k, v in out.items()}
             out.update({k: v for k, v in clean.items() if k not in ("token_id", "token_entropy", "token_logprob")})
@@ -150,7 +153,8 @@ class Tracer:
                     break
         if intervention is not None and stop_id is not None:
             clean_steps.pop(), masks.pop()  # the stop step is not an answer token
-        trace = Trace(kept, stop_id, clean_steps if intervention else None, masks if intervention else None)
+        trace = Trace(kept, stop_id, clean_steps if intervention else None, masks if intervention else None,
+                      self.lm.layout.shape)
         if fork:
             self.rewind(state, start_ids)
         return trace

@@ -110,3 +110,12 @@ def test_trace_generation_one_call_api(tiny_lm):
     expected = ((arrays["top1_pos"] >= SPAN[0]) & (arrays["top1_pos"] < SPAN[1])
                 & (arrays["top1_token"] == arrays["token_id"][:, None, None]))
     np.testing.assert_array_equal(arrays["score"], expected.astype(np.float32))
+
+
+def test_intervention_run_that_stops_at_once_has_empty_records(tiny_lm):
+    tracer = Tracer(tiny_lm, TraceConfig(max_new_tokens=4))
+    state = tracer.prefill(_prompt()[0].tolist())
+    tracer.stop_ids = {tracer.generate(state).token_ids[0]}
+    trace = tracer.generate(state, intervention=lambda view: np.ones((2, 4), bool))
+    arrays = trace.arrays()
+    assert trace.token_ids == [] and arrays["ablated"].shape == (0, 2, 4) and len(arrays["token_id"]) == 0
