@@ -6,6 +6,7 @@ Experiments that intervene (ablation, RAG) pass their own per-sample function to
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from typing import Any, Callable, Iterable
@@ -28,18 +29,24 @@ def run_samples(run: RunDir, samples: Iterable[EncodedSample], work: SampleWork,
                 quiet: bool = False) -> int:
     """Apply `work` to every unfinished sample and write its records; returns how many were run."""
     done = run.done_samples()
+    items = iter(enumerate(samples))
+    first = next(items, None)  # bad input in the first sample fails before any progress bar is drawn
+    if first is None:
+        return 0
     n_run = 0
     bar = tqdm(total=total, desc=run.path.name, unit="sample", file=sys.stderr, disable=quiet, leave=False)
-    for order, encoded in enumerate(samples):
-        bar.update(1)
-        if encoded.sample.id in done:
-            continue
-        arrays, result = work(encoded)
-        run.write_sample(encoded.sample.id, arrays, {
-            "order": order, "sample": encoded.sample.to_json(), "token_spans": encoded.token_spans,
-            "prompt_tokens": encoded.prompt_len, "context_tokens": list(encoded.context_tokens), **result})
-        n_run += 1
-    bar.close()
+    try:
+        for order, encoded in itertools.chain([first], items):
+            bar.update(1)
+            if encoded.sample.id in done:
+                continue
+            arrays, result = work(encoded)
+            run.write_sample(encoded.sample.id, arrays, {
+                "order": order, "sample": encoded.sample.to_json(), "token_spans": encoded.token_spans,
+                "prompt_tokens": encoded.prompt_len, "context_tokens": list(encoded.context_tokens), **result})
+            n_run += 1
+    finally:
+        bar.close()
     return n_run
 
 
