@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/trace_overhead.py
+	$(PY) bench/ablation_overhead.py
 
 clean:
 	rm -rf runs

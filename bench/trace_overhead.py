@@ -34,9 +34,10 @@ def main() -> None:
     ap.add_argument("--lengths", default="1000,2000,4000,8000")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--child", nargs=2, metavar=("CONDITION", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     lm = load_model("default")
     tracer = Tracer(lm, TraceConfig(max_new_tokens=args.new_tokens))
     if args.child:
@@ -50,7 +51,8 @@ def main() -> None:
         fns = conditions(lm, tracer, enc, args.new_tokens)
         same = [t for t in fns["plain"]() if t not in tracer.stop_ids] == fns["traced"]().token_ids
         times = median_times(fns, args.repeats)
-        mem = {c: peak_growth_in_child(__file__, c, str(length), "--new-tokens", str(args.new_tokens))
+        mem = {c: peak_growth_in_child(__file__, c, str(length), "--new-tokens", str(args.new_tokens),
+                                       "--threads", str(args.threads))
                for c in fns}
         print(f"{length:>7} {times['plain']:>8.2f} {times['traced']:>9.2f} {times['traced'] / times['plain']:>7.3f} "
               f"{mem['plain'] / 2**20:>9.0f} {mem['traced'] / 2**20:>10.0f} {mem['traced'] / mem['plain']:>6.3f} {same}",
