@@ -1,27 +1,48 @@
-"""The one attention function dynheads registers with transformers' AttentionInterface.
+"""The attention function dynheads registers with transformers' AttentionInterface.
 
-It delegates the attention output to the stock SDPA path (so traced generation is bit-identical
-to plain generation), and only for the newest query row of a forward call computes the explicit
-softmax weights of every query head, reducing them at once to the per-head quantities a
-`StepHooks` asked for. Full attention matrices are never materialised. The same function applies
-head ablations (to the newest row's per-head output) and key visibility masks (in-context RAG).
+It wraps the implementation the model would have used anyway (its *stock* implementation: the
+modeling file's own eager function, SDPA, or flash attention where installed), so the attention
+output — and therefore every generated token — is the stock one. Only for the newest query row of
+a forward call does it also produce that row's attention weights and reduce them at once to the
+per-head quantities a `StepHooks` asked for; full attention matrices are never materialised.
 
-State reaches the function through an attribute set on each attention module by `tracing()`,
-never through a module-level variable.
+Where the recorded row comes from:
+  eager  the stock eager function's own weights (it returns them): every term the modeling file
+         applies (scaling, mask, sliding window, soft-cap, sinks, …) is in them by construction.
+  sdpa   an explicit fp32 row of the newest query: scaling, the mask SDPA gets (causal, sliding
+         window, padding, hidden keys) and a `position_bias`, exactly the terms SDPA applies.
+  flash  the same explicit row plus the soft-cap, sinks (`s_aux`) and `sliding_window` that the
+         flash kernels apply (flash attention is not installable on CPU: untested here).
+A term that the stock implementation would silently ignore (attention sinks under SDPA), or that
+cannot be reproduced, is refused with one `ModelError` line at the first forward call, i.e. during
+the prefill and before any token is generated.
+
+The same function applies head ablations (to the newest row's per-head output) and key
+visibility masks (in-context RAG). State reaches it through an attribute set on each module by
+`tracing()`, never through a module-level variable.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-ATTN_NAME = "dynheads"
+from dynheads.errors import ModelError
+
+NAME_PREFIX = "dynheads_"  # registered as dynheads_<stock>: the mask builder must be the stock one's
 _HOOK_ATTR = "_dynheads_hooks"
+STOCK_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+# Keyword arguments that change the attention scores, and how each stock implementation treats them.
+_SCORE_TERMS = {"softcap", "s_aux", "position_bias", "sinks", "indices", "block_indices"}
+_EXPLICIT_TERMS = {"sdpa": {"position_bias"}, "flash": {"softcap", "s_aux"}}
+_IGNORED_BY = {"sdpa": {"s_aux": "transformers' SDPA path ignores attention sinks (s_aux)",
+                        "softcap": "transformers' SDPA path cannot apply the logit soft-cap"}}
 
 # Ablation methods act on one layer's newest-row output [heads, head_dim] given the value
 # vectors [kv_heads, S, head_dim], the visible keys [S] and a boolean head mask [heads].
@@ -43,46 +64,59 @@ class StepHooks:
     ablation: AblationFn | None = None
     hidden_keys: torch.Tensor | None = None  # bool [seq_len]: keys no query of this call may see
     captured: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> name -> [heads, …]
+    stock: str = "sdpa"  # the model's own attention implementation (set by `tracing()`)
+    layers_seen: set[int] = field(default_factory=set)  # layers whose attention went through us
+    checked: bool = False  # the call's score terms were checked once
 
 
 def traced_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [B, H, q, D]; key/value [B, Hkv, S, D] (un-repeated). Returns ([B, q, H, D], None)."""
-    hooks: StepHooks | None = getattr(module, _HOOK_ATTR, None)
-    if hooks is not None and hooks.hidden_keys is not None:
-        attention_mask = _with_hidden_keys(attention_mask, hooks, query.shape[-2], key.shape[-2], query.device)
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                    scaling=scaling, **kwargs)
-    if hooks is None or (not hooks.record and hooks.head_mask is None):
-        return out, None
+    """query [B, H, q, D]; key/value [B, Hkv, S, D] (un-repeated). Returns ([B, q, H, D], weights)."""
+    hooks: StepHooks = getattr(module, _HOOK_ATTR)
     layer = int(module.layer_idx)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    probs = _newest_row_probs(query, key, attention_mask, scale, kwargs.get("softcap"))  # [H, S] fp32
-    offset = hooks.seq_len - key.shape[-2]  # >0 only for sliding-window caches
+    hooks.layers_seen.add(layer)
+    if not hooks.checked:
+        _check_terms(hooks.stock, module, kwargs)
+        hooks.checked = True
+    if hooks.hidden_keys is not None:
+        attention_mask = _with_hidden_keys(attention_mask, hooks, query, key.shape[-2])
+    stock = _stock_function(module, hooks.stock)
+    wants_row = hooks.record or hooks.head_mask is not None
+    out, weights = stock(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if not wants_row:
+        return out, weights
+    if hooks.stock == "eager":
+        if weights is None:
+            raise ModelError(f"{type(module).__name__}: its eager attention returns no weights to record")
+        probs = weights[0, :, -1, :].float()  # [H, S]
+    else:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        probs = _explicit_row(query, key, attention_mask, scale, kwargs)  # [H, S] fp32
+    offset = hooks.seq_len - key.shape[-2]  # >0 only if a cache dropped old keys
     if hooks.record:
         hooks.captured[layer] = _reduce(probs, hooks, offset)
     if hooks.head_mask is not None and hooks.head_mask[layer].any():
         visible = probs.sum(0) > 0  # [S]: keys the newest row can see at all
         out = out.clone()
         out[0, -1] = hooks.ablation(out[0, -1], value[0], visible, hooks.head_mask[layer].to(out.device),
-                                    module.num_key_value_groups)
-    return out, None
+                                    query.shape[1] // key.shape[1])
+    return out, weights
 
 
-def register() -> None:
-    """Register the function and its mask builder (without the latter a custom name gets no mask)."""
-    AttentionInterface.register(ATTN_NAME, traced_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+def register(stock: str) -> str:
+    """Register the function for one stock implementation, with that implementation's mask builder."""
+    name = NAME_PREFIX + stock
+    AttentionInterface.register(name, traced_attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[stock])
+    return name
 
 
 @contextlib.contextmanager
 def tracing(model, hooks: StepHooks) -> Iterator[StepHooks]:
-    """Switch `model` to the traced attention with `hooks` attached; restore everything on exit."""
-    register()
+    """Switch `model` to the traced attention around its stock one; restore everything on exit."""
     previous = model.config._attn_implementation
+    hooks.stock = check_traceable(model)
     modules = attention_modules(model)
-    if not modules:
-        raise RuntimeError("no attention modules with a layer_idx found")
-    model.set_attn_implementation(ATTN_NAME)
+    model.set_attn_implementation(register(hooks.stock))
     for m in modules:
         setattr(m, _HOOK_ATTR, hooks)
     try:
@@ -94,25 +128,76 @@ def tracing(model, hooks: StepHooks) -> Iterator[StepHooks]:
         model.set_attn_implementation(previous)
 
 
+def check_traceable(model) -> str:
+    """The model's stock attention implementation, or a one-line ModelError saying why it cannot be traced."""
+    arch = type(model).__name__
+    stock = model.config._attn_implementation or "eager"
+    stock = stock.removeprefix(NAME_PREFIX)
+    if stock not in STOCK_IMPLEMENTATIONS:
+        raise ModelError(f"{arch}: attention implementation '{stock}' is not supported for tracing "
+                         f"(use one of {', '.join(STOCK_IMPLEMENTATIONS)})")
+    if not model._can_set_attn_implementation():
+        raise ModelError(f"{arch}: its attention does not go through transformers' AttentionInterface, "
+                         "so dynheads cannot trace it")
+    if not attention_modules(model):
+        raise ModelError(f"{arch}: no attention modules with a layer index found")
+    if stock == "eager" and any(getattr(m, "reorder_and_upcast_attn", False) for m in attention_modules(model)):
+        raise ModelError(f"{arch}: reorder_and_upcast_attn bypasses the attention interface under eager; "
+                         "load the model with attn_implementation='sdpa'")
+    return stock
+
+
 def attention_modules(model) -> list[torch.nn.Module]:
-    """Self-attention modules: those carrying a layer index and a KV-group count."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    """Modules that carry a layer index; the attention function reads its state from them."""
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
 
 # --- internals -----------------------------------------------------------------------------
-def _newest_row_probs(query, key, attention_mask, scale, softcap) -> torch.Tensor:
-    """Softmax weights of the last query row of every query head, fp32, [H, S]."""
-    n_heads, n_kv = query.shape[1], key.shape[1]
+def _stock_function(module, stock: str) -> Callable:
+    """The function the model would call: its modeling file's eager one, or the registered stock one."""
+    if stock != "eager":
+        return ALL_ATTENTION_FUNCTIONS[stock]
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise ModelError(f"{type(module).__name__}: its modeling file has no eager_attention_forward")
+    return fn
+
+
+def _check_terms(stock: str, module, kwargs: dict) -> None:
+    """Refuse score terms the recorded row (or the stock output) would not carry."""
+    present = {k for k in _SCORE_TERMS if kwargs.get(k) is not None}
+    if stock == "eager" or not present:
+        return
+    family = "flash" if stock.startswith("flash") else stock
+    for term in sorted(present):
+        if term in _IGNORED_BY.get(family, {}):
+            raise ModelError(f"{type(module).__name__}: {_IGNORED_BY[family][term]}; load the model with "
+                             "attn_implementation='eager' to trace it")
+        if term not in _EXPLICIT_TERMS.get(family, set()):
+            raise ModelError(f"{type(module).__name__}: the attention term '{term}' cannot be reproduced in the "
+                             f"recorded row under {stock}; load the model with attn_implementation='eager'")
+
+
+def _explicit_row(query, key, attention_mask, scale, terms: dict) -> torch.Tensor:
+    """Softmax weights of the last query row of every query head, fp32, [H, S], with the stock terms."""
+    n_heads, n_kv, n_keys = query.shape[1], key.shape[1], key.shape[-2]
     groups = n_heads // n_kv
     q = query[0, :, -1, :].float().reshape(n_kv, groups, -1)  # query head h reads KV head h // groups
-    k = key[0].float()  # [Hkv, S, D]
-    scores = torch.matmul(q, k.transpose(-1, -2)).reshape(n_heads, -1) * scale  # [H, S]
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = torch.matmul(q, key[0].float().transpose(-1, -2)).reshape(n_heads, -1) * scale  # [H, S]
+    if terms.get("softcap"):
+        scores = torch.tanh(scores / terms["softcap"]) * terms["softcap"]
+    if terms.get("position_bias") is not None:
+        scores = scores + terms["position_bias"][0, :, -1, :n_keys].float()
     if attention_mask is not None:
-        row = attention_mask[0, :, -1, : key.shape[-2]]  # [1 or H, S]
+        row = attention_mask[0, :, -1, :n_keys]  # [1 or H, S]
         scores = scores.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else scores + row.float()
-    return torch.softmax(scores, dim=-1)
+    elif terms.get("sliding_window"):  # flash: no mask, the kernel applies the window itself
+        scores[:, : max(n_keys - int(terms["sliding_window"]), 0)] = float("-inf")
+    sinks = terms.get("s_aux")
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    with_sink = torch.cat([scores, sinks.float().reshape(n_heads, 1)], dim=-1)
+    return torch.softmax(with_sink, dim=-1)[:, :-1]  # the sink takes mass but is not a position
 
 
 def _reduce(probs: torch.Tensor, hooks: StepHooks, offset: int) -> dict[str, torch.Tensor]:
@@ -134,14 +219,21 @@ def _reduce(probs: torch.Tensor, hooks: StepHooks, offset: int) -> dict[str, tor
     return out
 
 
-def _with_hidden_keys(attention_mask, hooks: StepHooks, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """A boolean [1, 1, q, S] mask: causal (or the given mask) and no hidden key."""
+def _with_hidden_keys(attention_mask, hooks: StepHooks, query, kv_len: int) -> torch.Tensor:
+    """The stock mask with hidden keys removed, in the stock format: bool (SDPA) or additive (eager)."""
+    if hooks.stock.startswith("flash"):
+        raise ModelError("hiding context keys (in-context RAG) needs eager or sdpa attention, not flash")
+    q_len, device = query.shape[-2], query.device
     hidden = hooks.hidden_keys[hooks.seq_len - kv_len: hooks.seq_len].to(device)
     if attention_mask is None:
         q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-        allowed = torch.arange(kv_len, device=device)[None, :] <= q_pos
+        allowed = (torch.arange(kv_len, device=device)[None, :] <= q_pos)[None, None]
     elif attention_mask.dtype == torch.bool:
-        allowed = attention_mask[0, 0]
+        allowed = attention_mask
     else:
-        allowed = attention_mask[0, 0] == 0
-    return (allowed & ~hidden[None, :]).reshape(1, 1, q_len, kv_len)
+        allowed = attention_mask == 0
+    allowed = allowed & ~hidden
+    if hooks.stock == "sdpa":
+        return allowed
+    additive = torch.zeros(allowed.shape, dtype=query.dtype, device=device)
+    return additive.masked_fill(~allowed, torch.finfo(query.dtype).min)

@@ -19,7 +19,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from dynheads.errors import ModelError
 from dynheads.interventions.methods import ablations
 from dynheads.models import LoadedModel, end_of_turn_ids
 from dynheads.tracing.attention import StepHooks, tracing
@@ -105,7 +107,7 @@ class Tracer:
     def prefill(self, input_ids: list[int], spans: dict[str, list[tuple[int, int]]] | None = None,
                 hidden_keys: np.ndarray | None = None) -> DecodeState:
         """Run all prompt tokens but the last through SDPA into a fresh KV cache."""
-        cache = DynamicCache(config=self.lm.model.config)
+        cache = croppable_cache(self.lm.model.config)
         state = DecodeState(list(input_ids), cache, dict(spans or {}), hidden_keys)
         self.extend(state, [], hidden_keys=hidden_keys)
         return state
@@ -120,6 +122,7 @@ class Tracer:
         with tracing(self.lm.model, hooks), torch.no_grad():
             self.lm.model(input_ids=torch.tensor([todo], device=self.device), cache=state.cache,
                           use_cache=True, logits_to_keep=1)
+        self._check_coverage(hooks.layers_seen)
 
     # --- decoding ----------------------------------------------------------------------
     def generate(self, state: DecodeState, *, max_new_tokens: int | None = None,
@@ -167,6 +170,14 @@ class Tracer:
         del state.ids[n_ids:]
 
     # --- internals ---------------------------------------------------------------------
+    def _check_coverage(self, layers_seen: set[int]) -> None:
+        """Refuse a model whose layers do not all compute attention through the traced function."""
+        expected = set(range(self.lm.layout.n_layers))
+        if layers_seen != expected:
+            missing = sorted(expected - layers_seen)
+            raise ModelError(f"{type(self.lm.model).__name__}: layers {missing[:5]} do not compute attention through "
+                             "transformers' AttentionInterface, so dynheads cannot trace them")
+
     @contextlib.contextmanager
     def _recording(self, state: DecodeState) -> Iterator[Callable]:
         cfg, model = self.config, self.lm.model
@@ -189,6 +200,8 @@ class Tracer:
             captured_hidden.clear()
             out = model(input_ids=torch.tensor([[state.ids[seq_len - 1]]], device=self.device),
                         cache=state.cache, use_cache=True, logits_to_keep=1)
+            if len(hooks.captured) != self.lm.layout.n_layers:
+                self._check_coverage(set(hooks.captured))
             logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             token = int(logp.argmax())
             arrays = {name: torch.stack([hooks.captured[l][name] for l in range(len(hooks.captured))]).cpu().numpy()
@@ -205,6 +218,21 @@ class Tracer:
         finally:
             if handle is not None:
                 handle.remove()
+
+
+def croppable_cache(config) -> DynamicCache:
+    """A DynamicCache that can be cropped at any length, so prefills can be forked and steps re-run.
+
+    transformers' sliding-window layers drop keys once the window is full and then cannot be cropped;
+    here they are plain layers that keep every key. The window is still applied, by the attention
+    mask, so outputs are those of the stock cache; the cost is memory for keys outside the window.
+    """
+    cache = DynamicCache(config=config)
+    cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+    if not cache.is_croppable:
+        raise ModelError(f"{config.model_type}: its cache cannot be cropped (linear-attention or other "
+                         "recurrent layers), so prefills cannot be forked")
+    return cache
 
 
 def _as_mask(hidden_keys: np.ndarray | None, length: int) -> torch.Tensor | None:
