@@ -44,7 +44,8 @@ class LoadedModel:
 
     def describe(self) -> dict:
         return {"source": self.source, "path": self.path, "fingerprint": self.fingerprint,
-                "layers": self.layout.n_layers, "heads": self.layout.n_heads, "kv_heads": self.layout.n_kv_heads}
+                "layers": self.layout.n_layers, "heads": self.layout.n_heads, "kv_heads": self.layout.n_kv_heads,
+                "attn_implementation": self.model.config._attn_implementation}
 
 
 def default_model_path() -> Path:
@@ -59,8 +60,12 @@ def default_model_path() -> Path:
 
 
 def load_model(source: str = "default", dtype: str = "float32", device: str = "cpu",
-               cache_dir: str | os.PathLike | None = None) -> LoadedModel:
-    """Load a model for tracing; every failure becomes a one-line ModelError."""
+               cache_dir: str | os.PathLike | None = None, attn_implementation: str | None = None) -> LoadedModel:
+    """Load a model for tracing; every failure becomes a one-line ModelError.
+
+    `attn_implementation` None lets transformers pick the model's stock attention (SDPA where the
+    family supports it, else eager); the tracer wraps whichever it is (tracing/attention.py).
+    """
     if dtype not in _DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(_DTYPES)}")
     path = default_model_path() if source == "default" else Path(source).expanduser()
@@ -68,12 +73,12 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "c
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
         folder, fingerprint = _gguf_cache(path, Path(cache_dir) if cache_dir else _cache_root())
-        model, tok = _from_pretrained(str(folder), _DTYPES[dtype], local_only=True)
+        model, tok = _from_pretrained(str(folder), _DTYPES[dtype], local_only=True, attn=attn_implementation)
     elif path.is_dir():
         fingerprint = _folder_fingerprint(path)
-        model, tok = _from_pretrained(str(path), _DTYPES[dtype], local_only=True)
+        model, tok = _from_pretrained(str(path), _DTYPES[dtype], local_only=True, attn=attn_implementation)
     elif "/" in source and not source.startswith((".", "/")) and not path.exists():
-        model, tok = _from_pretrained(source, _DTYPES[dtype], local_only=True)
+        model, tok = _from_pretrained(source, _DTYPES[dtype], local_only=True, attn=attn_implementation)
         fingerprint = "hub:" + str(getattr(model.config, "_commit_hash", None) or source)
     else:
         raise ModelError(f"model '{source}' is not 'default', a local folder, a .gguf file or a cached Hub id")
@@ -111,7 +116,7 @@ def _cache_root() -> Path:
     return Path(os.environ.get("DYNHEADS_CACHE", Path.home() / ".cache" / "dynheads")) / "models"
 
 
-def _from_pretrained(name: str, dtype, local_only: bool, gguf_file: str | None = None):
+def _from_pretrained(name: str, dtype, local_only: bool, gguf_file: str | None = None, attn: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -120,7 +125,7 @@ def _from_pretrained(name: str, dtype, local_only: bool, gguf_file: str | None =
     try:
         tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, dtype=dtype,
-                                                     local_files_only=local_only, attn_implementation="sdpa")
+                                                     local_files_only=local_only, attn_implementation=attn)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model '{name}' ({gguf_file or 'folder'}): {first}") from None

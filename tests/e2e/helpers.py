@@ -7,8 +7,8 @@ from pathlib import Path
 BIN = Path(sys.executable).with_name("dynheads")
 
 
-def dynheads(*args, timeout=600, **popen):
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+def dynheads(*args, timeout=600, env_extra=None, **popen):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env,
                           **popen)
 
