@@ -83,6 +83,9 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "c
     else:
         raise ModelError(f"model '{source}' is not 'default', a local folder, a .gguf file or a cached Hub id")
     model.to(device).eval()
+    from dynheads.tracing.attention import check_traceable
+
+    check_traceable(model)  # a family dynheads cannot trace is refused here, before any run folder
     return LoadedModel(model, tok, HeadLayout.from_config(model.config), source, str(path), fingerprint)
 
 

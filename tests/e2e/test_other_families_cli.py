@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 
-from e2e.helpers import dynheads
+from e2e.helpers import assert_one_line_error, dynheads
 
 pytestmark = pytest.mark.e2e
 
@@ -38,3 +38,15 @@ def test_tiny_gemma2_folder_traces_and_ablates(gemma2_folder, tmp_path):
     assert abl.returncode == 0, abl.stderr[-2000:]
     result = json.loads((tmp_path / "abl" / "results" / "ablation.json").read_text())
     assert set(result["conditions"]) >= {"none", "dynamic", "static", "random"}
+
+
+def test_family_without_attention_interface_is_refused_before_the_run_folder(default_lm, tmp_path):
+    from dynheads.conformance import build_tiny
+
+    tok = default_lm.tokenizer
+    build_tiny("falcon", vocab_size=len(tok)).save_pretrained(tmp_path / "falcon")
+    tok.save_pretrained(tmp_path / "falcon")
+    proc = dynheads("niah", "--model", tmp_path / "falcon", "--lengths", "200", "--depths", "50",
+                    "--samples-per-cell", "1", "--out", tmp_path / "run")
+    assert_one_line_error(proc, "FalconForCausalLM", "AttentionInterface")
+    assert not (tmp_path / "run").exists()
