@@ -63,7 +63,7 @@ class StepHooks:
     head_mask: torch.Tensor | None = None  # bool [layers, heads]: heads to ablate at the newest row
     ablation: AblationFn | None = None
     hidden_keys: torch.Tensor | None = None  # bool [seq_len]: keys no query of this call may see
-    captured: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> name -> [heads, …]
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> newest row [heads, S] fp32
     stock: str = "sdpa"  # the model's own attention implementation (set by `tracing()`)
     layers_seen: set[int] = field(default_factory=set)  # layers whose attention went through us
     checked: bool = False  # the call's score terms were checked once
@@ -91,9 +91,11 @@ def traced_attention(module, query, key, value, attention_mask, scaling=None, dr
     else:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         probs = _explicit_row(query, key, attention_mask, scale, kwargs)  # [H, S] fp32
-    offset = hooks.seq_len - key.shape[-2]  # >0 only if a cache dropped old keys
+    if key.shape[-2] != hooks.seq_len:
+        raise ModelError(f"{type(module).__name__}: its cache holds {key.shape[-2]} keys for {hooks.seq_len} "
+                         "positions; dynheads needs a cache that keeps every key")
     if hooks.record:
-        hooks.captured[layer] = _reduce(probs, hooks, offset)
+        hooks.captured[layer] = probs  # reduced for all layers at once by `reduce_rows`
     if hooks.head_mask is not None and hooks.head_mask[layer].any():
         visible = probs.sum(0) > 0  # [S]: keys the newest row can see at all
         out = out.clone()
@@ -200,22 +202,27 @@ def _explicit_row(query, key, attention_mask, scale, terms: dict) -> torch.Tenso
     return torch.softmax(with_sink, dim=-1)[:, :-1]  # the sink takes mass but is not a position
 
 
-def _reduce(probs: torch.Tensor, hooks: StepHooks, offset: int) -> dict[str, torch.Tensor]:
-    """Per-head reductions of one layer's newest attention rows [H, S] (vectorised over heads)."""
+def reduce_rows(hooks: StepHooks, n_layers: int) -> dict[str, torch.Tensor]:
+    """Per-head reductions of one step's newest attention rows, all layers at once: name -> [L, H, …].
+
+    Deferred to the end of the step so each reduction is one vectorised op over layers and heads
+    instead of one small op per layer (on CPU the per-op overhead dominates at these sizes).
+    """
+    probs = torch.stack([hooks.captured[layer] for layer in range(n_layers)])  # [L, H, S]
     n_keys = probs.shape[-1]
     if hooks.topk > 1:
         weights, pos = probs.topk(min(hooks.topk, n_keys), dim=-1)
-        out = {"top1_pos": pos[:, 0] + offset, "topk_pos": pos + offset, "topk_weight": weights}
+        out = {"top1_pos": pos[..., 0], "topk_pos": pos, "topk_weight": weights}
     else:
-        out = {"top1_pos": probs.argmax(dim=-1) + offset}
+        out = {"top1_pos": probs.argmax(dim=-1)}
     for name, ranges in hooks.spans.items():
-        out[f"mass_{name}"] = sum(probs[:, max(s - offset, 0): max(e - offset, 0)].sum(-1) for s, e in ranges)
+        out[f"mass_{name}"] = sum(probs[..., s:e].sum(-1) for s, e in ranges)
     for name, positions in hooks.row_spans.items():
-        idx = torch.tensor([p - offset for p in positions], dtype=torch.long, device=probs.device)
-        valid = (idx >= 0) & (idx < n_keys)  # positions not (or no longer) among the keys weigh 0
-        out[f"rows_{name}"] = probs[:, idx.clamp(0, n_keys - 1)] * valid
-    lo, hi = max(hooks.sink_tokens - offset, 0), max(n_keys - hooks.local_window, 0)
-    out["context_mass"] = probs[:, lo:hi].sum(-1) if hi > lo else probs.new_zeros(probs.shape[0])
+        idx = torch.tensor(positions, dtype=torch.long, device=probs.device)
+        valid = idx < n_keys  # positions not yet among the keys weigh 0
+        out[f"rows_{name}"] = probs[..., idx.clamp(0, n_keys - 1)] * valid
+    lo, hi = hooks.sink_tokens, max(n_keys - hooks.local_window, 0)
+    out["context_mass"] = probs[..., lo:hi].sum(-1) if hi > lo else probs.new_zeros(probs.shape[:-1])
     return out
 
 

@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from dynheads.errors import ModelError
 from dynheads.interventions.methods import ablations
 from dynheads.models import LoadedModel, end_of_turn_ids
-from dynheads.tracing.attention import StepHooks, tracing
+from dynheads.tracing.attention import StepHooks, reduce_rows, tracing
 
 
 @dataclass(frozen=True)
@@ -204,8 +204,7 @@ class Tracer:
                 self._check_coverage(set(hooks.captured))
             logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             token = int(logp.argmax())
-            arrays = {name: torch.stack([hooks.captured[l][name] for l in range(len(hooks.captured))]).cpu().numpy()
-                      for name in hooks.captured[0]}
+            arrays = {name: value.cpu().numpy() for name, value in reduce_rows(hooks, self.lm.layout.n_layers).items()}
             ids = np.asarray(state.ids[:seq_len])
             arrays["top1_token"] = ids[arrays["top1_pos"]]
             hidden = captured_hidden[-1].float().cpu().numpy() if captured_hidden else None
