@@ -7,17 +7,45 @@ Public Python API (the CLI is a thin layer over these):
   NiahConfig, niah_samples            the NIAH task; run_niah(lm, cfg, out) traces a sweep into a run folder
   RunDir, load_records                run folders and their per-step records
   dynamism                            Table 1 statistics (experiments.dynamism)
-"""
-from dynheads.errors import ConfigError, DataError, DynheadsError, ModelError
-from dynheads.experiments import dynamism
-from dynheads.experiments.trace import run_niah
-from dynheads.heads import HeadLayout
-from dynheads.models import LoadedModel, load_model
-from dynheads.records import Records, load_records
-from dynheads.runs import RunDir
-from dynheads.tasks.niah import NiahConfig, niah_samples
-from dynheads.tracing.tracer import Trace, TraceConfig, Tracer, trace_generation
 
-__all__ = ["ConfigError", "DataError", "DynheadsError", "ModelError", "dynamism", "run_niah", "HeadLayout",
-           "LoadedModel", "load_model", "Records", "load_records", "RunDir", "NiahConfig", "niah_samples",
-           "Trace", "TraceConfig", "Tracer", "trace_generation"]
+Names are imported on first use (PEP 562), so `import dynheads` and the CLI's --help, `list` and
+bad-input errors do not pay for importing torch and transformers.
+"""
+from __future__ import annotations
+
+import importlib
+
+from dynheads.errors import ConfigError, DataError, DynheadsError, ModelError
+
+_LAZY = {
+    "dynamism": "dynheads.experiments.dynamism",
+    "run_niah": "dynheads.experiments.trace",
+    "HeadLayout": "dynheads.heads",
+    "LoadedModel": "dynheads.models",
+    "load_model": "dynheads.models",
+    "Records": "dynheads.records",
+    "load_records": "dynheads.records",
+    "RunDir": "dynheads.runs",
+    "NiahConfig": "dynheads.tasks.niah",
+    "niah_samples": "dynheads.tasks.niah",
+    "Trace": "dynheads.tracing.tracer",
+    "TraceConfig": "dynheads.tracing.tracer",
+    "Tracer": "dynheads.tracing.tracer",
+    "trace_generation": "dynheads.tracing.tracer",
+}
+
+__all__ = ["ConfigError", "DataError", "DynheadsError", "ModelError", *_LAZY]
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first access (PEP 562)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dynheads' has no attribute '{name}'")
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__.endswith("." + name) else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

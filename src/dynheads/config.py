@@ -6,6 +6,8 @@ import time
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
+import torch
+
 from dynheads.models import LoadedModel
 
 
@@ -20,7 +22,8 @@ def versions() -> dict[str, str]:
 
 
 def run_config(kind: str, lm: LoadedModel, seed: int, **parts: Any) -> dict[str, Any]:
-    """Config dict: kind, model (path, fingerprint, layout), seed, the given parts, versions."""
+    """Config dict: kind, model (path, fingerprint, layout), seed, the given parts (`inputs`: resolved paths
+    and content hashes of input files), versions, threads."""
     return {
         "kind": kind,
         "model": lm.describe(),
@@ -28,5 +31,6 @@ def run_config(kind: str, lm: LoadedModel, seed: int, **parts: Any) -> dict[str,
         "seed": seed,
         **{k: asdict(v) if is_dataclass(v) else v for k, v in parts.items()},
         "versions": versions(),
+        "threads": torch.get_num_threads(),  # intra-op threads (global --threads); may differ on resume
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -17,3 +17,9 @@ class DataError(DynheadsError):
 
 class ModelError(DynheadsError):
     """A model that cannot be found or loaded, or that the requested work does not fit."""
+
+
+class Interrupted(DynheadsError):
+    """Ctrl-C during a run; the message says what finished and how to resume."""
+
+    exit_code = 130

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dynheads.errors import ModelError
+from dynheads.files import FolderLock, remove_stale_temps, sha256_file, temp_path
 from dynheads.heads import HeadLayout
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "c
     """
     if dtype not in _DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(_DTYPES)}")
+    check_device(device)
     path = default_model_path() if source == "default" else Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -87,6 +89,23 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "c
 
     check_traceable(model)  # a family dynheads cannot trace is refused here, before any run folder
     return LoadedModel(model, tok, HeadLayout.from_config(model.config), source, str(path), fingerprint)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot parse or does not have, before anything loads."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ModelError(f"unknown --device '{device}': {str(exc).strip().splitlines()[0]}") from None
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        raise ModelError(f"--device {device}: this machine has no {dev.type} device that torch "
+                         f"{torch.__version__} can use")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise ModelError(f"--device {device}: there are only {count()} {dev.type} devices")
 
 
 def end_of_turn_ids(tokenizer, model=None) -> list[int]:
@@ -136,40 +155,63 @@ def _from_pretrained(name: str, dtype, local_only: bool, gguf_file: str | None =
 
 
 def _gguf_cache(path: Path, root: Path) -> tuple[Path, str]:
-    """Convert a GGUF file once into an fp32 safetensors folder keyed by the file's sha256."""
-    digest = _sha256(path)
+    """Convert a GGUF file once into an fp32 safetensors folder keyed by the file's sha256.
+
+    The conversion writes a temporary folder and renames it into place, under a lock on the cache, so
+    concurrent loads convert once and an interrupted conversion leaves only a temporary folder, which
+    the next conversion removes.
+    """
+    digest = sha256_file(path)
     folder = root / f"{path.stem}-{digest[:16]}"
     if (folder / "dynheads-ok").exists():
         return folder, digest
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelError(f"{path} is not a GGUF file (bad magic bytes)")
+    _check_gguf(path)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"cannot create the model cache {root}: {exc.strerror} (set $DYNHEADS_CACHE)") from None
+    with FolderLock.acquire(root, wait=True):
+        for stale in remove_stale_temps(root):
+            log.info("removed %s, left by an interrupted conversion", stale)
+        if not (folder / "dynheads-ok").exists():  # else another process converted it while we waited
+            _convert(path, folder, digest)
+    return folder, digest
+
+
+def _convert(path: Path, folder: Path, digest: str) -> None:
     log.info("converting %s once into %s", path, folder)
     model, tok = _from_pretrained(str(path.parent), torch.float32, local_only=True, gguf_file=path.name)
     from safetensors.torch import save_model
 
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)  # the copy is plain fp32 weights
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    model.generation_config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))
-    tok.save_pretrained(tmp)
-    (tmp / "dynheads-ok").write_text(json.dumps({"gguf": str(path), "sha256": digest,
-                                                  "transformers": importlib.metadata.version("transformers")}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder, digest
+    tmp = temp_path(folder)
+    try:
+        tmp.mkdir(parents=True)
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)  # the copy is plain fp32 weights
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tok.save_pretrained(tmp)
+        (tmp / "dynheads-ok").write_text(json.dumps({"gguf": str(path), "sha256": digest,
+                                                      "transformers": importlib.metadata.version("transformers")}))
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder of an older version
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after an error or Ctrl-C; gone after the rename
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _check_gguf(path: Path) -> None:
+    """A one-line error for a file that is not a complete GGUF (wrong magic, truncated header or tensors)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (bad magic bytes)")
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)  # parses the header and maps every tensor: a truncated file fails here
+    except Exception as exc:  # the reader raises struct, numpy and value errors alike
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path} is truncated or damaged (size {path.stat().st_size} bytes): {first}") from None
 
 
 def _folder_fingerprint(path: Path) -> str:

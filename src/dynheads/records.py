@@ -20,12 +20,14 @@ axis order are fixed (per-head arrays are `[steps, layers, heads]`):
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dynheads.errors import DataError
+from dynheads.files import temp_path
 
 
 @dataclass
@@ -66,15 +68,24 @@ class Records:
 
 
 def save_sample_records(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write one sample's arrays atomically (temporary name, then rename)."""
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    """Write one sample's arrays atomically (a temporary name unique to this write, then rename)."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: numpy appends no `.npz` to the temporary name
+            np.savez_compressed(f, **arrays)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_sample_records(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """One sample's arrays; a missing, empty or damaged file is a one-line DataError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"records file {path} is missing or damaged ({type(exc).__name__}); rerun the command "
+                        "that wrote this run to redo that sample") from None
 
 
 def concat_records(per_sample: list[tuple[str, dict[str, np.ndarray]]]) -> Records:

@@ -6,24 +6,33 @@
   results/<name>.json       experiment summaries
   figures/<name>.png|svg    figures
 
-A sample is finished when its samples/<id>.json exists; it is written last and atomically, so a
-killed run resumes by skipping exactly the finished samples.
+A sample is finished when its samples/<id>.json is readable and its records file is a complete npz;
+both are written atomically (unique temporary names, then a rename), the JSON last, so a killed run
+resumes by skipping exactly the finished samples. One process writes a run folder at a time: `create`
+takes an exclusive lock on `<folder>/.lock` that dies with the process (files.FolderLock).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-import os
+import logging
 import re
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dynheads.errors import ConfigError, DataError
+from dynheads.files import LOCK_NAME, FolderLock, atomic_write, remove_stale_temps
 from dynheads.records import Records, concat_records, load_sample_records, save_sample_records
 
+log = logging.getLogger(__name__)
+
 # Keys that may differ between an interrupted run and its resumption.
-_VOLATILE = {"versions", "created", "command"}
+_VOLATILE = {"versions", "created", "command", "threads"}
 _SAFE = re.compile(r"[^A-Za-z0-9_.=-]+")
 
 
@@ -37,11 +46,24 @@ class RunDir:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.lock: FolderLock | None = None  # held by the process that writes samples (create)
 
     @classmethod
     def create(cls, path, config: dict[str, Any]) -> "RunDir":
-        """Start a run, or resume it when the stored config matches (else name the first differing key)."""
+        """Start a run, or resume it when the stored config matches (else name the first differing key).
+
+        Takes the folder's lock first (a second writer is refused), and removes temporaries that a
+        killed writer left behind.
+        """
         run = cls(Path(path))
+        check_out(run.path)
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create run folder {run.path}: {exc.strerror}") from None
+        run.lock = FolderLock.acquire(run.path)
+        if run.lock is None:
+            raise ConfigError(_busy(run.path))
         cfg_path = run.path / "config.json"
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
@@ -52,19 +74,26 @@ class RunDir:
             if diff:
                 raise ConfigError(f"{run.path} holds a run with a different config ({diff}); use another --out")
         else:
-            run.path.mkdir(parents=True, exist_ok=True)
-            _atomic_write(cfg_path, json.dumps(_jsonable(config), indent=2))
+            atomic_write(cfg_path, json.dumps(_jsonable(config), indent=2))
+        remove_stale_temps(run.path)
         for sub in ("records", "samples", "results", "figures"):
             (run.path / sub).mkdir(exist_ok=True)
+            for p in remove_stale_temps(run.path / sub):
+                log.info("removed %s, left by an interrupted writer", p)
         return run
 
     @classmethod
     def open(cls, path) -> "RunDir":
+        """An existing run folder, for analyses (no lock: they write only their own results)."""
         run = cls(Path(path))
-        if not (run.path / "config.json").exists():
+        if not (run.path / "config.json").is_file():
             raise DataError(f"{run.path} is not a dynheads run folder (no config.json)")
-        for sub in ("results", "figures"):
-            (run.path / sub).mkdir(exist_ok=True)
+        try:
+            for sub in ("results", "figures"):
+                (run.path / sub).mkdir(exist_ok=True)
+                remove_stale_temps(run.path / sub)
+        except OSError as exc:
+            raise DataError(f"cannot write results into {run.path}: {exc.strerror}") from None
         return run
 
     @property
@@ -73,31 +102,66 @@ class RunDir:
 
     # --- per-sample output -------------------------------------------------------------
     def done_samples(self) -> set[str]:
-        return {json.loads(p.read_text())["id"] for p in sorted((self.path / "samples").glob("*.json"))}
+        """Ids of finished samples. A marker that is empty or damaged, or whose records file is missing
+        or incomplete, does not count: it is named in a warning and that sample is run again."""
+        done = set()
+        for p in sorted((self.path / "samples").glob("*.json")):
+            row = _read_json(p)
+            records = self.path / "records" / f"{p.stem}.npz"
+            if row is None or "id" not in row:
+                log.warning("%s is empty or damaged: its sample will be run again", p)
+            elif not zipfile.is_zipfile(records):
+                log.warning("%s is missing or incomplete: sample %s will be run again", records, row["id"])
+            else:
+                done.add(row["id"])
+        return done
 
     def write_sample(self, sample_id: str, arrays: dict[str, np.ndarray], result: dict[str, Any]) -> None:
         """Records first, then the result file that marks the sample finished."""
         name = safe_name(sample_id)
         save_sample_records(self.path / "records" / f"{name}.npz", arrays)
-        _atomic_write(self.path / "samples" / f"{name}.json", json.dumps(_jsonable({"id": sample_id, **result})))
+        atomic_write(self.path / "samples" / f"{name}.json", json.dumps(_jsonable({"id": sample_id, **result})))
 
     def sample_results(self) -> list[dict[str, Any]]:
-        """Per-sample results in the order the samples were generated."""
-        rows = [json.loads(p.read_text()) for p in (self.path / "samples").glob("*.json")]
+        """Per-sample results in the order the samples were generated (a damaged file is named)."""
+        rows = []
+        for p in (self.path / "samples").glob("*.json"):
+            row = _read_json(p)
+            if row is None or "id" not in row:
+                raise DataError(f"{p} is empty or damaged: rerun the command that wrote {self.path} to redo "
+                                "that sample")
+            rows.append(row)
         return sorted(rows, key=lambda r: r.get("order", 0))
 
     def read_records(self) -> Records:
+        """Every finished sample's records; refuses a run whose records are per condition (ablation, RAG)."""
         results = self.sample_results()
         if not results:
             raise DataError(f"{self.path} has no finished samples")
-        return concat_records(
-            [(r["id"], load_sample_records(self.path / "records" / f"{safe_name(r['id'])}.npz")) for r in results]
-        )
+        loaded = []
+        for r in results:
+            loaded.append((r["id"], load_sample_records(self.path / "records" / f"{safe_name(r['id'])}.npz")))
+            if len(loaded) == 1 and "token_id" not in loaded[0][1]:
+                raise DataError(self._not_a_trace())
+        return concat_records(loaded)
+
+    def _not_a_trace(self) -> str:
+        kind = self.config.get("kind", "unknown")
+        detection = self.path / "detection"
+        hint = f" (its static-ranking pass {detection} is one)" if (detection / "config.json").is_file() else ""
+        return (f"{self.path} holds a '{kind}' run, whose records are kept per condition; this command reads "
+                f"a traced run from `dynheads niah` or `dynheads multihop`{hint}")
 
     # --- experiment output -------------------------------------------------------------
-    def write_result(self, name: str, obj: Any) -> Path:
+    def write_result(self, name: str, obj: Any, config: Any = None, ignore: tuple[str, ...] = ("threads",)) -> Path:
+        """results/<name>.json: the latest call's result. Given the call's config (a dataclass) with flags off
+        their defaults, also results/<name>__<flag>=<value>.json, which no call with other flags overwrites."""
+        text = json.dumps(_jsonable(obj), indent=2)
         path = self.path / "results" / f"{name}.json"
-        _atomic_write(path, json.dumps(_jsonable(obj), indent=2))
+        atomic_write(path, text)
+        variant = name if config is None else result_name(name, config, ignore)
+        if variant != name:
+            atomic_write(path.with_name(f"{variant}.json"), text)
         return path
 
     def read_result(self, name: str) -> Any:
@@ -110,10 +174,57 @@ class RunDir:
         return self.path / "figures" / f"{name}.png"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+def check_out(path) -> None:
+    """Refuse an --out that cannot become (or resume) a run folder: a file, under a file, not writable,
+    or being written by another process. Cheap: the CLI calls it before the model loads."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out {p} is a file, not a run folder")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {p}: {parent} is a file, so no folder can be made under it")
+    try:  # a real write test: permissions, read-only mounts and ACLs alike (os.access ignores some)
+        tempfile.TemporaryDirectory(dir=parent, prefix=".dynheads-check-").cleanup()
+    except OSError as exc:
+        raise ConfigError(f"--out {p}: cannot write in {parent} ({exc.strerror})") from None
+    if (p / LOCK_NAME).exists() and FolderLock.acquire(p) is None:
+        raise ConfigError(_busy(p))
+
+
+def result_name(name: str, config: Any, ignore: tuple[str, ...] = ("threads",)) -> str:
+    """`name` plus `__field=value` for each field of the dataclass `config` that is not at its default
+    (cca__max_offset=3); with every flag at its default the name stays plain (cca)."""
+    parts = []
+    for f in dataclasses.fields(config):
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        value = getattr(config, f.name)
+        if f.name not in ignore and value != default:
+            parts.append(f"{f.name}={_short(value)}")
+    return "__".join([name, *parts])
+
+
+def _short(value: Any) -> str:
+    """A flag value as part of a file name; paths and long values keep their stem and a short hash."""
+    text = str(value)
+    if "/" in text or len(text) > 24:
+        text = f"{Path(text).stem[:16]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return safe_name(text)
+
+
+def _busy(path: Path) -> str:
+    return (f"{path} is being written by another dynheads process{FolderLock.owner(path)}; "
+            "wait for it to finish, or use another --out")
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is empty or damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def _jsonable(obj: Any) -> Any:

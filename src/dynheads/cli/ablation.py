@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dynheads.cli.trace import parse_floats, parse_ints
+from dynheads.cli.trace import check_niah, parse_floats, parse_ints
 
 _RANKING = "head_score JSON (e.g. results/head_scores.json of `dynheads dynamism`) or a traced run folder " \
            "from OTHER samples; default: a detection pass with seed + 1 in <out>/detection"
@@ -18,15 +18,15 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
         lengths: str = typer.Option("1000,2000,4000", help="whole-prompt lengths in tokens"),
         depths: str = typer.Option("0,25,50,75,100", help="needle depths in percent"),
-        samples_per_cell: int = typer.Option(3, help="samples per (length, depth) cell"),
+        samples_per_cell: int = typer.Option(3, min=1, help="samples per (length, depth) cell"),
         static_ranking: Optional[str] = typer.Option(None, help=_RANKING),
         method: str = typer.Option("zero", help="ablation method: zero | uniform (Wu et al.'s mean-value)"),
         match: str = typer.Option("average", help="baseline head count: average (mean |D_t| of the sample's dynamic "
                                   "condition) | unmasked (mean |D_t| of its unmasked run) | step (each step's |D_t|)"),
         random_per_step: bool = typer.Option(False, help="redraw the random heads at every step"),
         haystack: Optional[str] = typer.Option(None, help="folder of .txt files (default: CPython docs prose)"),
-        max_new_tokens: int = typer.Option(48),
-        n_boot: int = typer.Option(2000, help="bootstrap resamples over samples"),
+        max_new_tokens: int = typer.Option(48, min=1),
+        n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
 
         niah = NiahConfig(parse_ints(lengths, "lengths"), parse_floats(depths, "depths"), samples_per_cell,
                           haystack, None, seed)
-        _check_grid(niah)  # before the heavy imports and the model
+        check_niah(niah, out)  # bad input fails before the heavy imports and the model
+        _check_ranking(static_ranking)
         from dynheads.experiments import ablation as abl
         from dynheads.models import load_model
         from dynheads.report.ablation_figures import ablation_table
@@ -55,15 +56,15 @@ def register(app: typer.Typer) -> None:
     @app.command("ablate-progressive")
     def ablate_progressive(
         model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
-        length: int = typer.Option(2000, help="whole-prompt length in tokens (paper: 5000)"),
+        length: int = typer.Option(2000, min=1, help="whole-prompt length in tokens (paper: 5000)"),
         ks: str = typer.Option("0,5,10,15,20,25,30,35,40,45,50,55,60,65,70", help="heads masked per step"),
-        samples: int = typer.Option(20, help="samples (one per depth, evenly spaced over 0-100%)"),
+        samples: int = typer.Option(20, min=1, help="samples (one per depth, evenly spaced over 0-100%)"),
         static_ranking: Optional[str] = typer.Option(None, help=_RANKING),
-        static_top: int = typer.Option(20, help="static set of the compensation metric (paper: top-20)"),
+        static_top: int = typer.Option(20, min=1, help="static set of the compensation metric (paper: top-20)"),
         method: str = typer.Option("zero", help="ablation method: zero | uniform"),
         haystack: Optional[str] = typer.Option(None, help="folder of .txt files (default: CPython docs prose)"),
-        max_new_tokens: int = typer.Option(48),
-        n_boot: int = typer.Option(2000, help="bootstrap resamples over samples"),
+        max_new_tokens: int = typer.Option(48, min=1),
+        n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
@@ -72,12 +73,13 @@ def register(app: typer.Typer) -> None:
     ):
         """Progressive ablation (Fig. 3): k heads per step, accuracy and compensation by static heads."""
         from dynheads.errors import ConfigError
+        from dynheads.tasks.niah import NiahConfig
 
         k_values = parse_ints(ks, "ks")
         if min(k_values) < 0:  # before the heavy imports; k above the head count fails once the model is known
             raise ConfigError(f"k = {min(k_values)} must not be negative")
-        if samples < 1 or not 0 < length:
-            raise ConfigError("--samples and --length must be at least 1")
+        check_niah(NiahConfig((length,), (0.0,), samples, haystack), out)
+        _check_ranking(static_ranking)
         from dynheads.experiments import ablation as abl
         from dynheads.models import load_model
         from dynheads.report.ablation_figures import progressive_table
@@ -94,14 +96,9 @@ def register(app: typer.Typer) -> None:
         typer.echo(str(run.path))
 
 
-def _check_grid(niah) -> None:
-    """Grid errors (empty, bad depth) before the model loads."""
+def _check_ranking(path) -> None:
+    """A given static ranking must exist (whether it fits the model is checked once the model is loaded)."""
     from dynheads.errors import ConfigError
 
-    if not niah.lengths or not niah.depths or niah.samples_per_cell < 1:
-        raise ConfigError("the NIAH grid is empty (need lengths, depths and samples-per-cell >= 1)")
-    bad = [d for d in niah.depths if not 0 <= d <= 100]
-    if bad:
-        raise ConfigError(f"depth {bad[0]:g} is outside 0-100")
-    if min(niah.lengths) < 1:
-        raise ConfigError(f"context length {min(niah.lengths)} must be positive")
+    if path is not None and not Path(path).expanduser().exists():
+        raise ConfigError(f"static ranking {path} does not exist (give a head_score JSON or a traced run folder)")

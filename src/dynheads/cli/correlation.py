@@ -10,10 +10,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def cca(
         run_dir: Path = typer.Argument(..., help="a traced run folder with hidden states"),
-        max_offset: int = typer.Option(10, help="offsets k = 0..max-offset (steps ahead)"),
+        max_offset: int = typer.Option(10, min=0, help="offsets k = 0..max-offset (steps ahead)"),
         seed: int = typer.Option(0, help="seed of the split by sample, shuffles and bootstrap"),
         train_fraction: float = typer.Option(0.7, help="fraction of samples that fit the held-out CCA"),
-        threads: int = typer.Option(1, help="BLAS threads (0: library default)"),
     ):
         """Fig. 4: canonical correlation of the hidden state at n with all heads' scores at n + k."""
         from dynheads.experiments import cca as cca_exp
@@ -21,20 +20,19 @@ def register(app: typer.Typer) -> None:
 
         run = RunDir.open(run_dir)
         result = cca_exp.run(run, cca_exp.CcaConfig(max_offset=max_offset, train_fraction=train_fraction,
-                                                     seed=seed, threads=threads))
+                                                     seed=seed, threads=0))  # threads: the global --threads
         typer.echo(cca_exp.format_cca_table(result))
         typer.echo(str(run.path))
 
     @app.command()
     def probe(
         run_dir: Path = typer.Argument(..., help="a traced run folder with hidden states"),
-        offset: int = typer.Option(0, help="predict the heads of step n + offset from the state at n"),
+        offset: int = typer.Option(0, min=0, help="predict the heads of step n + offset from the state at n"),
         regress: bool = typer.Option(False, help="regress continuous (Eq. 2) scores, Table 3"),
         paper_sizes: bool = typer.Option(False, help="hidden layers 8192, 4096, 4096 (paper) instead of 2d, d, d"),
         seed: int = typer.Option(0, help="seed of the split by sample, training and bootstrap"),
-        max_epochs: int = typer.Option(100, help="upper bound; training stops early on validation loss"),
-        patience: int = typer.Option(5, help="early-stopping patience in epochs"),
-        threads: int = typer.Option(1, help="torch/BLAS threads (0: library default)"),
+        max_epochs: int = typer.Option(100, min=1, help="upper bound; training stops early on validation loss"),
+        patience: int = typer.Option(5, min=1, help="early-stopping patience in epochs"),
     ):
         """Table 2/3: MLP probe from the final hidden state to per-head scores, with baselines."""
         from dynheads.experiments import probes
@@ -42,6 +40,6 @@ def register(app: typer.Typer) -> None:
 
         run = RunDir.open(run_dir)
         config = probes.ProbeConfig(offset=offset, regress=regress, paper_sizes=paper_sizes, seed=seed,
-                                    max_epochs=max_epochs, patience=patience, threads=threads)
+                                    max_epochs=max_epochs, patience=patience, threads=0)  # the global --threads
         typer.echo(probes.format_probe_table(probes.run(run, config)))
         typer.echo(str(run.path))

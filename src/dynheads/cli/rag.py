@@ -6,39 +6,28 @@ from typing import Optional
 
 import typer
 
-THREADS_HELP = "torch CPU threads (0: library default); 1 avoids thread oversubscription on shared cores"
-
-
-def _set_threads(n: int) -> None:
-    """Decoding one token is many tiny ops: on busy shared cores extra threads mostly spin (measured ~15x slower)."""
-    if n > 0:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 def register(app: typer.Typer) -> None:
     @app.command()
     def multihop(
         model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
         data: Path = typer.Option(..., help="HotpotQA / 2Wiki / IRCoT / MuSiQue file (JSON list or JSONL)"),
-        limit: Optional[int] = typer.Option(100, help="samples to trace (records without their support are skipped)"),
+        limit: Optional[int] = typer.Option(100, min=1, help="samples to trace (records without their support are skipped)"),
         format: str = typer.Option("auto", help="file layout: auto, hotpotqa, hotpotqa_hf, 2wiki, ircot, musique"),
         prompt: str = typer.Option("short", help="'short' (answer only) or 'cot' (reasoning, as in Dynamic RAG)"),
-        max_new_tokens: int = typer.Option(32),
+        max_new_tokens: int = typer.Option(32, min=1),
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
-        threads: int = typer.Option(1, help=THREADS_HELP),
         out: Path = typer.Option(..., help="run folder (resumes when it exists with the same config)"),
         quiet: bool = typer.Option(False),
     ):
         """Trace multi-hop QA: per-step Eq. 2 reasoning retrieval scores on the supporting facts, EM/F1."""
-        _set_threads(threads)
         from dynheads.experiments.trace import MultihopConfig, format_fig6_table, load_questions, run_multihop
         from dynheads.models import load_model
+        from dynheads.runs import check_out
         from dynheads.tracing.tracer import TraceConfig
 
         load_questions(MultihopConfig(str(data), limit, format, prompt))  # bad input fails before the model loads
+        check_out(out)
         lm = load_model(model, dtype=dtype, device=device)
         run = run_multihop(lm, data, limit, out, TraceConfig(max_new_tokens=max_new_tokens), format, quiet, prompt)
         summary = run.read_result("multihop")
@@ -53,7 +42,7 @@ def register(app: typer.Typer) -> None:
     def rag(
         model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
         data: Path = typer.Option(..., help="multi-hop QA file (HotpotQA layouts, 2Wiki, IRCoT, MuSiQue)"),
-        limit: Optional[int] = typer.Option(100, help="questions"),
+        limit: Optional[int] = typer.Option(100, min=1, help="questions"),
         heads: str = typer.Option("dynamic,static,dynamic-random,fixed-random,none",
                                   help="comma-separated strategies: dynamic, static, dynamic-random, fixed-random, "
                                        "none, full (several share each question's prefill)"),
@@ -63,27 +52,26 @@ def register(app: typer.Typer) -> None:
         corpus: Optional[str] = typer.Option(None, help="JSONL corpus {id, title, text} for --retrieval corpus"),
         format: str = typer.Option("auto", help="file layout (see `dynheads multihop --help`)"),
         prompt: str = typer.Option("cot", help="'cot' (DRAGIN-style reasoning sentences) or 'short'"),
-        max_new_tokens: int = typer.Option(100, help="answer budget in tokens (DRAGIN HotpotQA: 100)"),
-        max_sentence_tokens: int = typer.Option(40, help="cap on one drafted sentence"),
+        max_new_tokens: int = typer.Option(100, min=1, help="answer budget in tokens (DRAGIN HotpotQA: 100)"),
+        max_sentence_tokens: int = typer.Option(40, min=1, help="cap on one drafted sentence"),
         rind_threshold: float = typer.Option(1.2, help="RIND θ (DRAGIN HotpotQA config: 1.2)"),
-        top_k: int = typer.Option(10, help="top-k attended context positions per retrieval"),
-        window: int = typer.Option(64, help="window size in tokens around each cluster representative"),
-        n_heads: int = typer.Option(5, help="heads per retrieval (paper: 5)"),
+        top_k: int = typer.Option(10, min=1, help="top-k attended context positions per retrieval"),
+        window: int = typer.Option(64, min=1, help="window size in tokens around each cluster representative"),
+        n_heads: int = typer.Option(5, min=1, help="heads per retrieval (paper: 5)"),
         seed: int = typer.Option(0, help="seed of the random strategies (per question and strategy)"),
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
-        threads: int = typer.Option(1, help=THREADS_HELP),
         out: Path = typer.Option(..., help="run folder (resumes per question with the same config)"),
         quiet: bool = typer.Option(False),
     ):
         """Dynamic RAG (Table 4): RIND decides when, the chosen heads decide which context to open."""
-        _set_threads(threads)
         from dynheads.experiments import rag as rag_exp
         from dynheads.experiments.trace import MultihopConfig
         from dynheads.models import load_model
         from dynheads.rag.loop import RagConfig
         from dynheads.rag.retrievers import HeadWindowRetriever
         from dynheads.rag.trigger import RindTrigger
+        from dynheads.runs import check_out
 
         names = tuple(dict.fromkeys(h.strip() for h in heads.split(",") if h.strip()))
         settings = rag_exp.RagSettings(
@@ -91,6 +79,7 @@ def register(app: typer.Typer) -> None:
             loop=RagConfig(max_new_tokens=max_new_tokens, max_sentence_tokens=max_sentence_tokens),
             trigger=RindTrigger(threshold=rind_threshold), windows=HeadWindowRetriever(k=top_k, window=window))
         inputs = rag_exp.check_inputs(settings)
+        check_out(out)
         n_docs = getattr(getattr(inputs[1], "retriever", None), "n_docs", None)
         if n_docs is not None:
             typer.echo(f"corpus {corpus}: {n_docs} documents indexed")

@@ -34,11 +34,11 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
         lengths: str = typer.Option("1000,2000,4000", help="whole-prompt lengths in tokens"),
         depths: str = typer.Option("0,25,50,75,100", help="needle depths in percent"),
-        samples_per_cell: int = typer.Option(2, help="samples per (length, depth) cell"),
+        samples_per_cell: int = typer.Option(2, min=1, help="samples per (length, depth) cell"),
         haystack: Optional[str] = typer.Option(None, help="folder of .txt files (default: CPython docs prose)"),
         needles: Optional[str] = typer.Option(None, help="Retrieval_Head-style needle JSONL (default: UUID needle)"),
-        max_new_tokens: int = typer.Option(48),
-        topk: int = typer.Option(1, help="also record the top-k attended positions and weights"),
+        max_new_tokens: int = typer.Option(48, min=1),
+        topk: int = typer.Option(1, min=1, help="also record the top-k attended positions and weights"),
         seed: int = typer.Option(0),
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
@@ -46,13 +46,15 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False),
     ):
         """Trace a Needle-in-a-Haystack sweep: per-step retrieval heads of every generated token."""
-        from dynheads.experiments.trace import run_niah
-        from dynheads.models import load_model
         from dynheads.tasks.niah import NiahConfig
-        from dynheads.tracing.tracer import TraceConfig
 
         cfg = NiahConfig(parse_ints(lengths, "lengths"), parse_floats(depths, "depths"), samples_per_cell,
                          haystack, needles, seed)
+        check_niah(cfg, out)  # bad input fails before the heavy imports and the model
+        from dynheads.experiments.trace import run_niah
+        from dynheads.models import load_model
+        from dynheads.tracing.tracer import TraceConfig
+
         lm = load_model(model, dtype=dtype, device=device)
         run = run_niah(lm, cfg, out, TraceConfig(max_new_tokens=max_new_tokens, topk=topk), quiet)
         results = run.sample_results()
@@ -64,7 +66,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def dynamism(
         run_dir: Path = typer.Argument(..., help="a traced run folder"),
-        static_top: int = typer.Option(20, help="size of the static set"),
+        static_top: int = typer.Option(20, min=1, help="size of the static set"),
         empty_steps: str = typer.Option("skip", help="'skip' or 'keep' steps with no active head in Jaccards"),
         per_sample: bool = typer.Option(False, help="average per sample, then over samples"),
         only_correct: bool = typer.Option(False, help="use only correctly answered samples"),
@@ -80,6 +82,26 @@ def register(app: typer.Typer) -> None:
         typer.echo(dyn.format_table(stats, Path(run.config["model"]["source"]).name + " (ours)"))
         typer.echo(f"figure: {run.figure_path('dynamism_heatmap')}")
         typer.echo(str(run.path))
+
+
+def check_niah(niah, out: Path | None = None) -> None:
+    """Everything about a NIAH grid that needs no model: the grid, the haystack and needle files, --out."""
+    from dynheads.runs import check_out
+    from dynheads.tasks.niah import load_haystack, load_needles
+
+    if not niah.lengths or not niah.depths or niah.samples_per_cell < 1:
+        raise ConfigError("the NIAH grid is empty (need lengths, depths and samples-per-cell >= 1)")
+    bad = [d for d in niah.depths if not 0 <= d <= 100]
+    if bad:
+        raise ConfigError(f"depth {bad[0]:g} is outside 0-100")
+    if min(niah.lengths) < 1:
+        raise ConfigError(f"context length {min(niah.lengths)} must be positive")
+    if niah.haystack is not None:
+        load_haystack(niah.haystack)
+    if niah.needles is not None:
+        load_needles(niah.needles)
+    if out is not None:
+        check_out(out)
 
 
 def register_list(app: typer.Typer) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from dynheads.errors import ConfigError
 from dynheads.experiments.dynamism import top_heads
 from dynheads.experiments.static_ranking import load_static_ranking
 from dynheads.experiments.stats import bootstrap_ci, paired_difference
+from dynheads.experiments.trace import check_prompt_budget, niah_inputs
 from dynheads.interventions.methods import ablations
 from dynheads.interventions.selectors import build, make_intervention
 from dynheads.models import LoadedModel
@@ -76,6 +78,8 @@ class AblationConfig:
         ablations.get(self.method)
         if self.match not in MATCH:
             raise ConfigError(f"unknown --match '{self.match}'; choose one of: {', '.join(MATCH)}")
+        if self.static_top < 1 or self.n_boot < 1:
+            raise ConfigError("--static-top and --n-boot must be at least 1")
 
 
 def ablate_sample(tracer: Tracer, encoded: EncodedSample, ranking: np.ndarray,
@@ -162,11 +166,16 @@ def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: Abl
     from dynheads.report.ablation_figures import ablation_heatmaps
 
     trace = replace(trace, record_hidden=False, mass_spans=(config.span,))
+    niah, inputs = niah_inputs(niah)
+    check_prompt_budget(niah.lengths, trace.max_new_tokens, lm.max_positions)
     samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
-    run = RunDir.create(out, run_config("ablation", lm, niah.seed, task=niah, trace=trace, ablation=config))
     detection = replace(niah, samples_per_cell=1, seed=niah.seed + 1)
-    ranking, source = load_static_ranking(config.static_ranking, lm, niah, {e.sample.id for e in samples},
-                                          detection, run.path / "detection", trace, quiet)
+    load_ranking = partial(load_static_ranking, config.static_ranking, lm, niah, {e.sample.id for e in samples},
+                           detection, Path(out) / "detection", trace, quiet)
+    given = load_ranking() if config.static_ranking else None  # checked before the run folder exists
+    run = RunDir.create(out, run_config("ablation", lm, niah.seed, task=niah, trace=trace, ablation=config,
+                                        inputs=inputs))
+    ranking, source = given or load_ranking()  # default: a detection pass inside the run folder
     tracer = Tracer(lm, trace)
     run_samples(run, samples, lambda enc: ablate_sample(tracer, enc, ranking, config), len(samples), quiet)
     rows = run.sample_results()
@@ -196,12 +205,16 @@ def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out:
 
     check_ks(ks, lm.layout.n_total)
     trace = replace(trace, record_hidden=False, mass_spans=(config.span,), row_spans=(config.span,))
+    niah, inputs = niah_inputs(niah)
+    check_prompt_budget(niah.lengths, trace.max_new_tokens, lm.max_positions)
     samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
-    run = RunDir.create(out, run_config("ablation-progressive", lm, niah.seed, task=niah, trace=trace,
-                                        ablation=config, ks=list(ks)))
     detection = progressive_niah(niah.lengths[0], config.detection_samples, niah.seed + 1, niah.haystack)
-    ranking, source = load_static_ranking(config.static_ranking, lm, niah, {e.sample.id for e in samples},
-                                          detection, run.path / "detection", trace, quiet)
+    load_ranking = partial(load_static_ranking, config.static_ranking, lm, niah, {e.sample.id for e in samples},
+                           detection, Path(out) / "detection", trace, quiet)
+    given = load_ranking() if config.static_ranking else None  # checked before the run folder exists
+    run = RunDir.create(out, run_config("ablation-progressive", lm, niah.seed, task=niah, trace=trace,
+                                        ablation=config, ks=list(ks), inputs=inputs))
+    ranking, source = given or load_ranking()  # default: a detection pass inside the run folder
     static = top_heads(ranking, config.static_top)
     tracer = Tracer(lm, trace)
     run_samples(run, samples, lambda enc: progressive_sample(tracer, enc, ks, static, config), len(samples), quiet)

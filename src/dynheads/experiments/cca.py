@@ -100,13 +100,14 @@ def temporal_cca(
 
 
 def run(run: RunDir, config: CcaConfig = CcaConfig()) -> CcaResult:
-    """Read a run's records, write results/cca.json and figures/cca_offsets.png (+ .svg)."""
+    """Read a run's records, write results/cca.json (and, with flags off their defaults, a copy named by
+    them: results/cca__max_offset=3.json) and figures/cca_offsets.png (+ .svg)."""
     records = run.read_records()
     result = temporal_cca(
         records.hidden(), records.array("score"), records.sample_ids, records.step,
         range(config.max_offset + 1), config, np.random.default_rng(config.seed),
     )
-    run.write_result("cca", result)
+    run.write_result("cca", result, config)
     fig, path = cca_figure(result), run.figure_path("cca_offsets")
     fig.savefig(path, dpi=150)
     fig.savefig(path.with_suffix(".svg"))

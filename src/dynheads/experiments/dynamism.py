@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from dynheads.errors import ConfigError, DataError
+from dynheads.files import atomic_write
 from dynheads.heads import HeadLayout
 from dynheads.records import Records
-from dynheads.runs import RunDir
+from dynheads.runs import RunDir, result_name
 
 # Paper Table 1 (Lin et al. 2026): Llama-3.1-8B-Instruct on NIAH.
 PAPER_TABLE1 = {"model": "llama3.1-8b (paper)", "heads_per_step_mean": 12.97, "heads_per_step_sd": 7.69,
@@ -38,6 +39,10 @@ class DynamismConfig:
     static_file: str | None = None  # head_score JSON of a separate detection run (else this run's ranking)
     heatmap_sample: str | None = None  # sample for Fig. 1 (default: correct sample with most activations)
     heatmap_heads: int = 10
+
+    def __post_init__(self):
+        if self.static_top < 1 or self.heatmap_heads < 1:
+            raise ConfigError("dynamism needs static_top >= 1 and heatmap_heads >= 1")
 
 
 @dataclass
@@ -134,7 +139,7 @@ def save_head_scores(path: Path, layout: HeadLayout, per_sample: dict[str, np.nd
     """Retrieval_Head's head_score layout: {"layer-head": [score of each sample]}."""
     data = {f"{l}-{h}": [float(s[l, h]) for s in per_sample.values()]
             for l in range(layout.n_layers) for h in range(layout.n_heads)}
-    path.write_text(json.dumps(data))
+    atomic_write(path, json.dumps(data))
 
 
 def load_head_scores(path: str | Path, layout: HeadLayout) -> np.ndarray:
@@ -154,7 +159,8 @@ def load_head_scores(path: str | Path, layout: HeadLayout) -> np.ndarray:
 
 
 def run(run_dir: RunDir, config: DynamismConfig = DynamismConfig()) -> DynamismStats:
-    """Compute Table 1 + head scores + Fig. 1 for a traced run and write them into the run folder."""
+    """Compute Table 1 + head scores + Fig. 1 for a traced run and write them into the run folder
+    (results/dynamism.json and head_scores.json, plus copies named by the flags off their defaults)."""
     from dynheads.report.figures import dynamism_heatmap
     from dynheads.scores.base import get_score
 
@@ -171,12 +177,14 @@ def run(run_dir: RunDir, config: DynamismConfig = DynamismConfig()) -> DynamismS
     static = (top_heads(load_head_scores(config.static_file, layout), config.static_top) if config.static_file
               else top_heads(activation_frequency(active), config.static_top))
     stats = dynamism_stats(active, records.sample_ids, static, config, layout.labels())
-    run_dir.write_result("dynamism", {"stats": asdict(stats), "config": asdict(config), "paper": PAPER_TABLE1,
-                                      "frequency": dict(zip(layout.labels(), activation_frequency(active).reshape(-1)))})
+    run_dir.write_result("dynamism", {
+        "stats": asdict(stats), "config": asdict(config), "paper": PAPER_TABLE1,
+        "frequency": dict(zip(layout.labels(), activation_frequency(active).reshape(-1)))}, config)
     span = "answer" if "answer" in next(iter(results.values()))["token_spans"] else cfg["score"]["args"].get("span", "needle")
     lengths = {sid: sum(e - s for s, e in r["token_spans"].get(span, [])) for sid, r in results.items()}
-    save_head_scores(run_dir.path / "results" / "head_scores.json", layout,
-                     wu_sample_scores(active, records.sample_ids, lengths, correct))
+    head_scores = wu_sample_scores(active, records.sample_ids, lengths, correct)
+    for name in dict.fromkeys(("head_scores", result_name("head_scores", config))):  # latest, and named by flags
+        save_head_scores(run_dir.path / "results" / f"{name}.json", layout, head_scores)
     sid = config.heatmap_sample or _heatmap_sample(active, records, correct)
     if sid not in results:
         raise ConfigError(f"sample '{sid}' is not in {run_dir.path}")

@@ -115,7 +115,8 @@ def run(run: RunDir, config: ProbeConfig = ProbeConfig()) -> ProbeResult:
         records.hidden(), records.array("score"), records.sample_ids, records.step, config,
         np.random.default_rng(config.seed),
     )
-    run.write_result(f"probe_{'regress_' if config.regress else ''}k{config.offset}", result)
+    run.write_result(f"probe_{'regress_' if config.regress else ''}k{config.offset}", result, config,
+                     ignore=("offset", "regress", "threads"))  # other flags off their defaults: also a named copy
     return result
 
 

@@ -19,6 +19,7 @@ from dynheads.config import run_config
 from dynheads.errors import ConfigError, DataError
 from dynheads.experiments.stats import bootstrap_ci, paired_difference
 from dynheads.experiments.trace import MultihopConfig, load_questions, score_answer
+from dynheads.files import fingerprint, resolved
 from dynheads.heads import HeadLayout
 from dynheads.models import LoadedModel
 from dynheads.rag import loop
@@ -85,6 +86,11 @@ def run_rag(lm: LoadedModel, settings: RagSettings, out: str | Path, static_rank
     `inputs`: the result of `check_inputs(settings)` when the caller validated before loading the model.
     """
     loaded, mode = inputs or check_inputs(settings)
+    # resolved paths and content hashes: a resumed run compares them, so it cannot mix inputs
+    settings = replace(settings, task=replace(settings.task, data=resolved(settings.task.data)),
+                       corpus=resolved(settings.corpus))
+    files = {"data": fingerprint(settings.task.data), "corpus": settings.corpus and fingerprint(settings.corpus)}
+    static_ranking, regressor = resolved(static_ranking), resolved(regressor)
     ids = {s.id for s in loaded}
     ranking, ranking_info = (load_ranking(static_ranking, lm.layout, ids) if "static" in settings.strategies
                              else (None, None))
@@ -92,7 +98,7 @@ def run_rag(lm: LoadedModel, settings: RagSettings, out: str | Path, static_rank
     reg, reg_info = (load_regressor(regressor, lm.layout, ids, settings.seed, saved if saved.is_file() else None)
                      if "dynamic" in settings.strategies else (None, None))
     settings = replace(settings, static_ranking=ranking_info, regressor=reg_info)
-    run = RunDir.create(out, run_config("rag", lm, settings.seed, rag=settings))
+    run = RunDir.create(out, run_config("rag", lm, settings.seed, rag=settings, inputs=files))
     if reg is not None and regressor is not None and Path(regressor).is_dir():
         reg.save(run.path / "results" / "regressor.pt")
     built = {name: build_strategy(name, ranking=ranking, regressor=reg, shape=lm.layout.shape, n_heads=settings.n_heads)

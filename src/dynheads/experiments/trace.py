@@ -12,11 +12,13 @@ from typing import Any
 import numpy as np
 
 from dynheads.config import run_config
+from dynheads.errors import ConfigError
+from dynheads.files import fingerprint, resolved
 from dynheads.models import LoadedModel
 from dynheads.runs import RunDir
 from dynheads.scores.base import get_score
 from dynheads.tasks.niah import NiahConfig, niah_samples, score_response
-from dynheads.tracing.runner import run_samples, trace_sample
+from dynheads.tracing.runner import first_checked, run_samples, trace_sample
 from dynheads.tracing.tracer import TraceConfig, Tracer
 
 
@@ -25,14 +27,33 @@ def run_niah(lm: LoadedModel, niah: NiahConfig, out: str | Path, trace: TraceCon
     """Trace a NIAH grid into `out` (resuming finished samples) with the Eq. 1 copy-paste score."""
     score = get_score("copy_paste")
     trace = replace(trace, mass_spans=tuple(dict.fromkeys(trace.mass_spans + ("needle",))))
-    config = run_config("niah", lm, niah.seed, task=niah, trace=trace,
+    niah, inputs = niah_inputs(niah)
+    check_prompt_budget(niah.lengths, trace.max_new_tokens, lm.max_positions)
+    samples = first_checked(niah_samples(lm.tokenizer, niah, lm.max_positions))  # bad input: before the folder
+    config = run_config("niah", lm, niah.seed, task=niah, trace=trace, inputs=inputs,
                         score={"name": score.name, "args": {"span": "needle"}})
     run = RunDir.create(out, config)
     tracer = Tracer(lm, trace)
-    samples = niah_samples(lm.tokenizer, niah, lm.max_positions)
     total = len(niah.lengths) * len(niah.depths) * niah.samples_per_cell
     run_samples(run, samples, lambda enc: trace_sample(tracer, enc, score, score_response), total, quiet)
     return run
+
+
+def niah_inputs(niah: NiahConfig) -> tuple[NiahConfig, dict[str, Any]]:
+    """The grid with its haystack and needle paths resolved, and their content fingerprints: a resumed
+    run compares both, so another folder behind the same relative path is refused, and the same folder
+    written as an absolute path resumes."""
+    niah = replace(niah, haystack=resolved(niah.haystack), needles=resolved(niah.needles))
+    return niah, {"haystack": niah.haystack and fingerprint(niah.haystack, "*.txt"),
+                  "needles": niah.needles and fingerprint(niah.needles)}
+
+
+def check_prompt_budget(lengths, max_new_tokens: int, max_positions: int | None) -> None:
+    """Every prompt plus its answer budget must fit the model's positions (else generation runs past them)."""
+    too_long = [n for n in lengths if max_positions and n + max_new_tokens > max_positions]
+    if too_long:
+        raise ConfigError(f"context length {too_long[0]} + {max_new_tokens} new tokens is above the model's maximum "
+                          f"of {max_positions} positions (longest usable length: {max_positions - max_new_tokens})")
 
 
 # --- multi-hop QA (paper Sec. 4) ---------------------------------------------------------------------
@@ -117,12 +138,14 @@ def run_multihop(lm: LoadedModel, data_path: str | Path, limit: int | None, out:
     from dynheads.tasks.base import encode
     from dynheads.tasks.multihop import support_depth
 
-    task = MultihopConfig(str(data_path), limit, format, prompt)
+    task = MultihopConfig(resolved(data_path), limit, format, prompt)
     loaded = load_questions(task)
     score = get_score("reasoning")
     trace = replace(trace_config, mass_spans=tuple(dict.fromkeys(score.mass_spans + tuple(
         n for n in trace_config.mass_spans if n != "needle"))))
-    config = run_config("multihop", lm, 0, task=task, trace=trace, score={"name": score.name, "args": {"span": "support"}})
+    samples = first_checked(encode(s, lm.tokenizer) for s in loaded)  # bad input: before the folder
+    config = run_config("multihop", lm, 0, task=task, trace=trace, inputs={"data": fingerprint(task.data)},
+                        score={"name": score.name, "args": {"span": "support"}})
     run = RunDir.create(out, config)
     tracer = Tracer(lm, trace)
 
@@ -135,7 +158,7 @@ def run_multihop(lm: LoadedModel, data_path: str | Path, limit: int | None, out:
         depth = support_depth(enc.sample.spans["support"], len(enc.sample.context))
         return arrays, {**result, "context_length": ce - cs, "support_depth": depth}
 
-    run_samples(run, (encode(s, lm.tokenizer) for s in loaded), work, len(loaded), quiet)
+    run_samples(run, samples, work, len(loaded), quiet)
     write_multihop_summary(run, loaded.report)
     return run
 

@@ -8,9 +8,12 @@ every architecture that goes through the AttentionInterface is covered.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from dynheads.registry import Registry
+
+if TYPE_CHECKING:  # torch is imported where a method runs, so `dynheads list ablations` needs no torch
+    import torch
 
 ablations: Registry = Registry("ablation method")
 ablation = ablations.register
@@ -27,6 +30,8 @@ def zero_ablation(out: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
 def uniform_ablation(out: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, mask: torch.Tensor,
                      groups: int) -> torch.Tensor:
     """Wu et al.'s zeroed query: uniform attention over the visible keys, i.e. the mean of the values."""
+    import torch
+
     mean_v = values[:, visible, :].float().mean(dim=1).to(out.dtype)  # [kv_heads, D]
     per_head = mean_v.repeat_interleave(groups, dim=0)  # query head h reads KV head h // groups
     return torch.where(mask[:, None], per_head, out)

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from dynheads.errors import ConfigError
 from dynheads.registry import Registry
 from dynheads.scores.copy_paste import copy_paste_score
-from dynheads.tracing.tracer import Intervention, StepView
+
+if TYPE_CHECKING:  # annotations only: `dynheads list selectors` needs no torch
+    from dynheads.tracing.tracer import Intervention, StepView
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ NIAH_PROMPT = PromptFormat(
 UUID_NEEDLE = "The magic word is {answer}."
 UUID_QUESTION = "What is the magic word?"
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?(\s|$)")
+_NOT_TEXT = re.compile("[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # undecodable bytes, control characters
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,23 @@ def load_haystack(path: str | None) -> str:
     p = Path(path).expanduser()
     if p.is_dir():
         files = sorted(p.glob("*.txt"))
-        text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
+        text = "\n\n".join(_text_file(f).strip() for f in files)
     elif p.is_file():
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = _text_file(p)
     else:
         raise DataError(f"haystack {p} does not exist")
     if len(text.split()) < 50:
         raise DataError(f"haystack {p} holds no usable text (need .txt files with prose)")
+    return text
+
+
+def _text_file(path: Path) -> str:
+    """A haystack file's text; refuses binary data (a prompt of random bytes would measure nothing)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    bad = len(_NOT_TEXT.findall(text))
+    if bad > 0.01 * len(text):
+        raise DataError(f"haystack file {path} is not UTF-8 text ({bad / len(text):.0%} of its characters are "
+                        "undecodable or control characters)")
     return text
 
 
@@ -148,8 +159,12 @@ def load_needles(path: str) -> list[Needle]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"needle file {p} does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"needle file {p} is not UTF-8 text") from None
     needles = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
+from dynheads.errors import Interrupted
 from dynheads.runs import RunDir
 from dynheads.scores.base import HeadScore
 from dynheads.tasks.base import EncodedSample
@@ -23,6 +24,15 @@ log = logging.getLogger(__name__)
 
 # Returns (record arrays, result fields) for one sample.
 SampleWork = Callable[[EncodedSample], tuple[dict[str, np.ndarray], dict[str, Any]]]
+T = TypeVar("T")
+
+
+def first_checked(samples: Iterable[T]) -> Iterator[T]:
+    """The same samples, with the first one built now: a bad grid, input file or prompt raises here,
+    before the caller creates the run folder (a failed run must not leave a config behind)."""
+    items = iter(samples)
+    first = next(items, None)
+    return items if first is None else itertools.chain([first], items)
 
 
 def run_samples(run: RunDir, samples: Iterable[EncodedSample], work: SampleWork, total: int | None = None,
@@ -33,7 +43,7 @@ def run_samples(run: RunDir, samples: Iterable[EncodedSample], work: SampleWork,
     first = next(items, None)  # bad input in the first sample fails before any progress bar is drawn
     if first is None:
         return 0
-    n_run = 0
+    n_run, last = 0, None
     bar = tqdm(total=total, desc=run.path.name, unit="sample", file=sys.stderr, disable=quiet, leave=False)
     try:
         for order, encoded in itertools.chain([first], items):
@@ -45,6 +55,13 @@ def run_samples(run: RunDir, samples: Iterable[EncodedSample], work: SampleWork,
                 "order": order, "sample": encoded.sample.to_json(), "token_spans": encoded.token_spans,
                 "prompt_tokens": encoded.prompt_len, "context_tokens": list(encoded.context_tokens), **result})
             n_run += 1
+            last = encoded.sample.id
+    except KeyboardInterrupt:
+        bar.close()
+        finished = len(done) + n_run
+        where = f"; last finished: {last}" if last else ""
+        raise Interrupted(f"interrupted: {finished}{f' of {total}' if total else ''} samples are finished in "
+                          f"{run.path} ({n_run} in this call{where}); rerun the same command to resume") from None
     finally:
         bar.close()
     return n_run
