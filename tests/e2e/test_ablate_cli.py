@@ -91,6 +91,7 @@ def test_bad_static_ranking_shape_is_one_line_error(tmp_path):
     proc = _dynheads("ablate", "--lengths", "300", "--depths", "0", "--samples-per-cell", "1",
                      "--static-ranking", bad, "--out", tmp_path / "x")
     assert_one_line_error(proc, "covers 2 layers × 4 heads; the model has 30 × 9")
+    assert not (tmp_path / "x" / "config.json").exists()  # so the corrected command is not "a different config"
 
 
 def test_k_above_the_number_of_heads_is_one_line_error(tmp_path):
@@ -100,7 +101,7 @@ def test_k_above_the_number_of_heads_is_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["ablate", "--samples-per-cell", "0"], "the NIAH grid is empty"),
+    (["ablate", "--samples-per-cell", "0"], "invalid value for '--samples-per-cell'"),
     (["ablate", "--match", "median"], "unknown --match 'median'"),
     (["ablate-progressive", "--ks", "0,-5"], "k = -5"),
 ])

@@ -36,7 +36,7 @@ def files(shared_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def multihop_run(files):
     out = files / "mh"
-    proc = dynheads("multihop", "--data", files / "detect.json", "--limit", "2", "--max-new-tokens", "5",
+    proc = dynheads("--threads", "1", "multihop", "--data", files / "detect.json", "--limit", "2", "--max-new-tokens", "5",
                     "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
     return out, proc
@@ -79,7 +79,7 @@ def test_dynamism_works_on_a_multihop_run(multihop_run):
 def test_rag_static_and_none_share_a_prefill_and_are_compared(multihop_run, files):
     ranking_run, _ = multihop_run
     out = files / "rag"
-    proc = dynheads("rag", "--data", files / "eval.json", "--limit", "2", "--heads", "static,none",
+    proc = dynheads("--threads", "1", "rag", "--data", files / "eval.json", "--limit", "2", "--heads", "static,none",
                     "--static-ranking", ranking_run, "--rind-threshold", "0", *RAG_FAST, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == str(out)
@@ -105,7 +105,7 @@ def test_rag_static_and_none_share_a_prefill_and_are_compared(multihop_run, file
 def test_rag_with_a_bm25_corpus(multihop_run, files, shared_data, monkeypatch):
     monkeypatch.setenv("DYNHEADS_CACHE", str(files / "cache"))
     out = files / "rag_corpus"
-    proc = dynheads("rag", "--data", files / "eval.json", "--limit", "1", "--heads", "static", "--retrieval", "corpus",
+    proc = dynheads("--threads", "1", "rag", "--data", files / "eval.json", "--limit", "1", "--heads", "static", "--retrieval", "corpus",
                     "--corpus", shared_data / CORPUS, "--static-ranking", multihop_run[0], "--rind-threshold", "0",
                     *RAG_FAST, "--out", out)
     assert proc.returncode == 0, proc.stderr

@@ -18,7 +18,7 @@ GRID = ["--lengths", "300", "--depths", "0,100", "--samples-per-cell", "1", "--m
 @pytest.fixture(scope="module")
 def niah_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "niah"
-    proc = dynheads("niah", "--model", "default", *GRID, "--out", out)
+    proc = dynheads("niah", "--model", "default", *GRID, "--out", out, "--threads", "1")  # the global flag, after
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -29,6 +29,8 @@ def test_niah_run_folder(niah_run):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["fingerprint"] and cfg["layout"] == {"n_layers": 30, "n_heads": 9, "n_kv_heads": 3}
     assert {"torch", "transformers"} <= set(cfg["versions"])
+    assert cfg["threads"] == 1  # --threads 1 reached torch (its default here is one thread per core)
+    assert cfg["inputs"] == {"haystack": None, "needles": None}
     results = sorted(json.loads(p.read_text())["id"] for p in (out / "samples").glob("*.json"))
     assert results == ["niah-300-0-0", "niah-300-100-0"]
     from dynheads.records import load_records
@@ -126,7 +128,7 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, niah_run):
     elif case == "corrupt_gguf":
         bad = tmp_path / "broken.gguf"
         bad.write_bytes(b"GGUF" + os.urandom(2000))
-        assert_one_line_error(dynheads(*base, "--model", bad), "cannot load model")
+        assert_one_line_error(dynheads(*base, "--model", bad), "broken.gguf is truncated or damaged")
         bad.write_bytes(b"this is not a gguf file at all")
         assert_one_line_error(dynheads(*base, "--model", bad), "not a GGUF file")
     elif case == "empty_haystack":
@@ -134,8 +136,8 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, niah_run):
         (tmp_path / "hay" / "a.txt").write_text("   ")
         assert_one_line_error(dynheads(*base, "--haystack", tmp_path / "hay"), "no usable text")
     elif case == "too_long":
-        proc = dynheads("niah", "--lengths", "9000", "--out", tmp_path / "r")
-        assert_one_line_error(proc, "above the model's maximum of 8192")
+        proc = dynheads("niah", "--lengths", "8192", "--out", tmp_path / "r")  # no room left for the answer
+        assert_one_line_error(proc, "8192 + 48 new tokens is above the model's maximum of 8192 positions")
     elif case == "bad_needles":
         (tmp_path / "n.jsonl").write_text('{"needle": "x"}\n')
         assert_one_line_error(dynheads(*base, "--needles", tmp_path / "n.jsonl"), "line 1")
