@@ -66,7 +66,9 @@ class RunDir:
             raise ConfigError(_busy(run.path))
         cfg_path = run.path / "config.json"
         if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
+            old = _read_json(cfg_path)
+            if not isinstance(old, dict):
+                raise ConfigError(f"{cfg_path} is empty or damaged; use another --out")
             diff = _first_difference(
                 {k: v for k, v in old.items() if k not in _VOLATILE},
                 {k: v for k, v in _jsonable(config).items() if k not in _VOLATILE},
@@ -149,7 +151,7 @@ class RunDir:
         kind = self.config.get("kind", "unknown")
         detection = self.path / "detection"
         hint = f" (its static-ranking pass {detection} is one)" if (detection / "config.json").is_file() else ""
-        return (f"{self.path} holds a '{kind}' run, whose records are kept per condition; this command reads "
+        return (f"{self.path} holds a run of kind '{kind}', whose records are kept per condition; this command reads "
                 f"a traced run from `dynheads niah` or `dynheads multihop`{hint}")
 
     # --- experiment output -------------------------------------------------------------

@@ -73,8 +73,8 @@ CASES = [
     ("patience -1", ["probe", "{root}/ablation", "--patience", "-1"], "'--patience'"),
     ("missing static ranking", ["ablate", "--static-ranking", "{root}/nope.json", "--out", "{out}"],
      "static ranking"),
-    ("dynamism on an ablation run", ["dynamism", "{root}/ablation"], "holds a 'ablation' run"),
-    ("cca on a rag run", ["cca", "{root}/rag"], "holds a 'rag' run"),
+    ("dynamism on an ablation run", ["dynamism", "{root}/ablation"], "holds a run of kind 'ablation'"),
+    ("cca on a rag run", ["cca", "{root}/rag"], "holds a run of kind 'rag'"),
     ("not a run folder", ["dynamism", "{root}"], "is not a dynheads run folder"),
     ("missing data file", ["multihop", "--data", "{root}/nope.json", "--out", "{out}"], "nope.json"),
 ]

@@ -118,7 +118,7 @@ def test_records_kept_per_condition_name_the_kind_of_run(tmp_path):
     run = RunDir.create(tmp_path / "abl", {"kind": "ablation"})
     run.write_sample("s", {"none__token_id": np.arange(2), "dynamic__token_id": np.arange(2)}, {"order": 0})
     RunDir.create(tmp_path / "abl" / "detection", {"kind": "niah"})
-    with pytest.raises(DataError, match=r"holds a 'ablation' run.*`dynheads niah` or `dynheads multihop`"
+    with pytest.raises(DataError, match=r"holds a run of kind 'ablation'.*`dynheads niah` or `dynheads multihop`"
                                         r".*static-ranking pass .*abl/detection is one"):
         RunDir.open(run.path).read_records()
 

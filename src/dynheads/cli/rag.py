@@ -11,7 +11,8 @@ def register(app: typer.Typer) -> None:
     def multihop(
         model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
         data: Path = typer.Option(..., help="HotpotQA / 2Wiki / IRCoT / MuSiQue file (JSON list or JSONL)"),
-        limit: Optional[int] = typer.Option(100, min=1, help="samples to trace (records without their support are skipped)"),
+        limit: Optional[int] = typer.Option(100, min=1,
+                                            help="samples to trace (records without their support are skipped)"),
         format: str = typer.Option("auto", help="file layout: auto, hotpotqa, hotpotqa_hf, 2wiki, ircot, musique"),
         prompt: str = typer.Option("short", help="'short' (answer only) or 'cot' (reasoning, as in Dynamic RAG)"),
         max_new_tokens: int = typer.Option(32, min=1),
