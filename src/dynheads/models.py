@@ -108,6 +108,24 @@ def check_device(device: str) -> None:
         raise ModelError(f"--device {device}: there are only {count()} {dev.type} devices")
 
 
+def load_tokenizer(source: str, cache_dir: str | os.PathLike | None = None):
+    """Only the tokenizer of a model (as `load_model` resolves it); the viewer decodes prompts with it."""
+    from transformers import AutoTokenizer
+
+    path = default_model_path() if source == "default" else Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        name = str(_gguf_cache(path, Path(cache_dir) if cache_dir else _cache_root())[0])
+    else:
+        name = str(path) if path.is_dir() else source
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer of '{source}': {first}") from None
+
+
 def end_of_turn_ids(tokenizer, model=None) -> list[int]:
     """Token ids that end the assistant's turn: eos ids plus the first special token the chat
     template writes after an assistant message (e.g. `<|im_end|>`); never hard-coded."""
