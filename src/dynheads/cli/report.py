@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from dynheads.cli.trace import parse_floats, parse_ints
+from dynheads.cli.trace import parse_floats, parse_ints, parse_list
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
         hotpotqa: Optional[str] = typer.Option(None, help="HotpotQA JSON list (multihop + Dynamic RAG)"),
         multihop_questions: Optional[int] = typer.Option(None, help="override: detection questions"),
         rag_questions: Optional[int] = typer.Option(None, help="override: evaluated questions (Table 4)"),
+        only: Optional[str] = typer.Option(None, "--steps", help="run only these steps (comma-separated: niah, "
+                                           "dynamism, cca, probe_k<k>, ablation, progressive, multihop, "
+                                           "probe_regress_k0, rag); the others stay pending"),
         threads: int = typer.Option(1, help="torch CPU threads (0: library default)"),
     ):
         """Run every experiment of the paper into OUT (resumable), then write report.html and report.md."""
@@ -47,7 +50,8 @@ def register(app: typer.Typer) -> None:
             import torch
 
             torch.set_num_threads(threads)
-        rep.reproduce(model, sizes, out, preset, log=lambda m: print(m, file=sys.stderr))
+        rep.reproduce(model, sizes, out, preset, log=lambda m: print(m, file=sys.stderr),
+                      only=parse_list(only, "steps", str) if only else None)
         _build_report(out)
 
     @app.command()

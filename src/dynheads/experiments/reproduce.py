@@ -138,17 +138,21 @@ def steps(p: Preset, out: Path, model: str) -> list[Step]:
 
 
 def reproduce(model: str, p: Preset, out: str | Path, preset_name: str = "custom", load=None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every unfinished step into `out`, recording status and wall time; returns the state dict.
+              log: Callable[[str], None] = print, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run every unfinished step (or only the named ones) into `out`; returns the state dict.
 
     `load(model)` loads the model lazily, only when a model step still has work to do.
     """
     out = Path(out)
+    todo = steps(p, out, model)
+    unknown = sorted(set(only or ()) - {s.name for s in todo})
+    if unknown:
+        raise ConfigError(f"unknown step '{unknown[0]}'; steps: {', '.join(s.name for s in todo)}")
     state = _open_state(out, model, p, preset_name)
     lm = None
-    for step in steps(p, out, model):
+    for step in todo:
         entry = state["steps"].get(step.name, {})
-        if entry.get("status") in ("done", "skipped"):
+        if entry.get("status") in ("done", "skipped") or (only and step.name not in only):
             continue
         if step.needs_model and lm is None:
             if load is None:

@@ -94,23 +94,32 @@ def table1_intervals(run: Path, dynamism: dict[str, Any], n_boot: int = N_BOOT, 
         if not path.is_file():
             raise DataError(f"{path} is missing (the report reads the run's records)")
         active = score.active(load_sample_records(path)["score"]).reshape(-1, layout.n_total)
-        per.append(_sample_sums(active, static, keep))
+        per.append(sample_sums(active, static, keep))
     if not per:
         return {}
     sums = np.array([p[0] for p in per])  # [S, 6]
     counts = np.array([p[1] for p in per])  # [S, heads]
     rng = np.random.default_rng(seed)
     w = rng.multinomial(len(per), np.full(len(per), 1 / len(per)), size=n_boot).astype(float)  # [B, S]
+    stats = pooled_stats(w, sums, counts)
+    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in stats.items()}
+
+
+def pooled_stats(w: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Table 1 statistics of samples weighted by w [B, S] (bootstrap counts; all ones = the run itself).
+
+    sums [S, 6] and counts [S, heads] come from `sample_sums`; pooled like `dynamism_stats` (micro).
+    """
     tot, cnt = w @ sums, w @ counts
     with np.errstate(invalid="ignore", divide="ignore"):
         stats = {"heads_per_step_mean": tot[:, 0] / tot[:, 1], "jaccard_static": tot[:, 2] / tot[:, 3],
                  "adjacent_jaccard": tot[:, 4] / tot[:, 5], "heads_ever_active": (cnt > 0).sum(1).astype(float)}
         p = cnt / cnt.sum(1, keepdims=True)
-        stats["entropy"] = -np.nansum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=1)
-    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in stats.items()}
+        stats["entropy"] = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(1)
+    return stats
 
 
-def _sample_sums(active: np.ndarray, static: np.ndarray, keep: bool) -> tuple[list[float], np.ndarray]:
+def sample_sums(active: np.ndarray, static: np.ndarray, keep: bool) -> tuple[list[float], np.ndarray]:
     """(sum of sizes, steps, sum/count of J with static, sum/count of adjacent J, per-head counts) of one sample."""
     from dynheads.experiments.dynamism import jaccard
 

@@ -1,0 +1,104 @@
+"""Report parts without a model: Table 1 pooling, result lookup, verdict rules, reproduce's resume bookkeeping."""
+import json
+
+import numpy as np
+import pytest
+
+from dynheads.errors import ConfigError, DataError
+from dynheads.experiments import reproduce as rep
+from dynheads.experiments.dynamism import DynamismConfig, dynamism_stats
+from dynheads.report import verdicts as vd
+from dynheads.report.collect import pooled_stats, read_result, sample_sums
+
+
+@pytest.mark.parametrize("empty", ["skip", "keep"])
+def test_pooled_stats_of_all_samples_equal_dynamism_stats(empty):
+    rng = np.random.default_rng(3)
+    samples = [rng.random((n, 3, 4)) < 0.3 for n in (5, 1, 7, 4)]
+    samples[2][1] = False  # an empty step inside a sample
+    static = np.zeros((3, 4), bool)
+    static[0, :3] = True
+    per = [sample_sums(a.reshape(len(a), -1), static.reshape(-1), empty == "keep") for a in samples]
+    got = pooled_stats(np.ones((1, len(per))), np.array([p[0] for p in per]), np.array([p[1] for p in per]))
+    ids = np.concatenate([np.full(len(a), f"s{i}") for i, a in enumerate(samples)])
+    want = dynamism_stats(np.concatenate(samples), ids, static, DynamismConfig(empty_steps=empty))
+    for key in ("heads_per_step_mean", "jaccard_static", "adjacent_jaccard", "entropy", "heads_ever_active"):
+        assert got[key][0] == pytest.approx(getattr(want, key), abs=1e-12), key
+    # a resample that takes sample 0 twice and drops sample 1 weighs it twice
+    twice = pooled_stats(np.array([[2.0, 0, 1, 1]]), np.array([p[0] for p in per]), np.array([p[1] for p in per]))
+    dup = dynamism_stats(np.concatenate([samples[0], samples[0], samples[2], samples[3]]),
+                         np.concatenate([np.full(5, "a"), np.full(5, "b"), np.full(7, "c"), np.full(4, "d")]),
+                         static, DynamismConfig(empty_steps=empty))
+    assert twice["adjacent_jaccard"][0] == pytest.approx(dup.adjacent_jaccard, abs=1e-12)
+
+
+def test_read_result_accepts_parameter_named_files(tmp_path):
+    (tmp_path / "results").mkdir()
+    assert read_result(tmp_path, "cca") is None
+    (tmp_path / "results" / "cca__max_offset=3.json").write_text('{"k": 3}')
+    assert read_result(tmp_path, "cca") == {"k": 3}
+    (tmp_path / "results" / "cca.json").write_text('{"k": 10}')
+    assert read_result(tmp_path, "cca") == {"k": 10}
+    assert read_result(tmp_path, "probe_k0") is None
+
+
+def _ablation(dyn_high, excl_high, base=0.9):
+    iv = lambda e, lo, hi: {"estimate": e, "low": lo, "high": hi, "n": 30}  # noqa: E731
+    return {"conditions": {"none": {"accuracy": iv(base, base - 0.1, 1.0)}, "dynamic": {"accuracy": iv(0, 0, dyn_high)}},
+            "comparisons": [{"a": "dynamic", "b": "static_excluding_dynamic", "metric": "accuracy",
+                             "mean_difference": -0.5, "low": -0.7, "high": excl_high, "p_value": 0.01}]}
+
+
+def test_claim2_verdict_rules():
+    data = {"state": {"steps": {}}, "ablation": {"result": _ablation(0.05, -0.3)}}
+    v = vd.claim2(data)
+    assert v.verdict == vd.REPRODUCED and len(v.checks) == 2
+    data["ablation"]["result"] = _ablation(0.05, 0.02)
+    v = vd.claim2(data)
+    assert v.verdict == vd.NOT_REPRODUCED and "static_excluding_dynamic" in v.reason
+    data["ablation"]["result"] = _ablation(0.05, -0.3, base=0.2)
+    assert vd.claim2(data).verdict == vd.NOT_COMPARABLE
+    data = {"state": {"steps": {"ablation": {"status": "skipped", "reason": "no samples"}}}, "ablation": {"result": None}}
+    v = vd.claim2(data)
+    assert v.verdict == vd.NOT_COMPARABLE and "no samples" in v.reason
+
+
+def test_rag_verdict_not_comparable_when_full_context_fails():
+    iv = lambda e: {"estimate": e, "low": e, "high": e}  # noqa: E731
+    strat = {n: {"em": iv(em), "f1": iv(em)} for n, em in (("dynamic", 0.0), ("static", 0.0), ("full", 0.03))}
+    v = vd.rag({"state": {"steps": {}}, "rag": {"result": {"strategies": strat, "vs_static": {}}}})
+    assert v.verdict == vd.NOT_COMPARABLE and "EM 0.03 even with the full context" in v.reason
+
+
+def test_reproduce_resumes_and_skips_finished_steps(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_steps(p, out, model):
+        def work(name, fail=None):
+            def run(lm):
+                calls.append((name, lm))
+                if fail:
+                    raise fail
+            return run
+        return [rep.Step("a", "a", False, "cmd a", work("a")),
+                rep.Step("b", "b", True, "cmd b", work("b", KeyboardInterrupt() if not calls_ok else None)),
+                rep.Step("c", "c", False, "cmd c", work("c", DataError("too few samples")))]
+
+    monkeypatch.setattr(rep, "steps", fake_steps)
+    loads = []
+    load = lambda m: loads.append(m) or type("LM", (), {"describe": lambda self: {"source": m}})()  # noqa: E731
+    calls_ok = False
+    with pytest.raises(KeyboardInterrupt):  # killed in step b: a is kept
+        rep.reproduce("m", rep.Preset(), tmp_path, "smoke", load=load, log=lambda m: None)
+    assert [c[0] for c in calls] == ["a", "b"] and loads == ["m"]
+    calls_ok = True
+    state = rep.reproduce("m", rep.Preset(), tmp_path, "smoke", load=load, log=lambda m: None)
+    assert [c[0] for c in calls] == ["a", "b", "b", "c"]
+    assert state["steps"]["c"] == {**state["steps"]["c"], "status": "skipped", "reason": "too few samples"}
+    assert json.loads((tmp_path / rep.STATE).read_text())["steps"]["b"]["status"] == "done"
+    rep.reproduce("m", rep.Preset(), tmp_path, "smoke", load=load, log=lambda m: None)  # finished: nothing runs
+    assert len(calls) == 4 and loads == ["m", "m"]
+    with pytest.raises(ConfigError, match="niah_per_cell"):
+        rep.reproduce("m", rep.preset("smoke", niah_per_cell=3), tmp_path, "smoke", load=load)
+    with pytest.raises(ConfigError, match="unknown step 'z'"):
+        rep.reproduce("m", rep.Preset(), tmp_path, "smoke", load=load, only=("z",))
