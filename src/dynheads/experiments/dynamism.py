@@ -95,14 +95,7 @@ def dynamism_stats(active: np.ndarray, sample_ids: np.ndarray, static: np.ndarra
     sizes = active.reshape(len(active), -1).sum(1)
     j_static, j_adj = [], []
     for sid in _ordered_unique(sample_ids):
-        steps = active[sample_ids == sid]
-        js = [jaccard(s, static) if s.any() else 0.0 for s in steps if keep or s.any()]
-        ja = []
-        for a, b in zip(steps[:-1], steps[1:]):
-            if a.any() and b.any():
-                ja.append(jaccard(a, b))
-            elif keep:
-                ja.append(1.0 if not (a.any() or b.any()) else 0.0)
+        js, ja = step_jaccards(active[sample_ids == sid], static, keep)
         j_static.append(js)
         j_adj.append(ja)
     counts = active.sum(axis=0).reshape(-1).astype(float)
@@ -117,6 +110,18 @@ def dynamism_stats(active: np.ndarray, sample_ids: np.ndarray, static: np.ndarra
         entropy=entropy, ln_static_top=math.log(max(int(static.sum()), 1)), effective_heads=math.exp(entropy),
         static_heads=[flat_labels[i] for i in np.flatnonzero(static.reshape(-1))],
     )
+
+
+def step_jaccards(steps: np.ndarray, static: np.ndarray, keep: bool) -> tuple[list[float], list[float]]:
+    """One sample's per-step Jaccards with the static set and between adjacent steps (empty-step rule: keep/skip)."""
+    js = [jaccard(s, static) if s.any() else 0.0 for s in steps if keep or s.any()]
+    ja = []
+    for a, b in zip(steps[:-1], steps[1:]):
+        if a.any() and b.any():
+            ja.append(jaccard(a, b))
+        elif keep:
+            ja.append(1.0 if not (a.any() or b.any()) else 0.0)
+    return js, ja
 
 
 def wu_sample_scores(active: np.ndarray, sample_ids: np.ndarray, span_lengths: dict[str, int],

@@ -11,6 +11,7 @@ report then says "not comparable" with that reason. Sizes: `PRESETS` (smoke: thi
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -160,18 +161,21 @@ def reproduce(model: str, p: Preset, out: str | Path, preset_name: str = "custom
 
                 load = load_model
             lm = load(model)
-            state["model"] = lm.describe()
+            state = _record(out, model=lm.describe())
         log(f"[{step.name}] {step.command}")
-        start = time.time()
+        before, start = entry.get("wall_s_before", 0.0), time.time()
         try:
             step.run(lm)
             entry = {"status": "done"}
         except DynheadsError as exc:  # recorded; the report marks what depends on it "not comparable"
             entry = {"status": "skipped", "reason": str(exc)}
             log(f"[{step.name}] skipped: {exc}")
-        entry.update(command=step.command, folder=step.folder, wall_s=round(time.time() - start, 1))
-        state["steps"][step.name] = entry
-        _write_state(out, state)
+        except KeyboardInterrupt:  # the time spent so far counts toward the step's wall time on resume
+            _record(out, {step.name: {"status": "interrupted", "command": step.command, "folder": step.folder,
+                                     "wall_s_before": round(before + time.time() - start, 1)}})
+            raise
+        entry.update(command=step.command, folder=step.folder, wall_s=round(before + time.time() - start, 1))
+        state = _record(out, {step.name: entry})
     return state
 
 
@@ -240,7 +244,16 @@ def _open_state(out: Path, model: str, p: Preset, preset_name: str) -> dict[str,
     return state
 
 
+def _record(out: Path, steps: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    """Update step entries / top-level keys of the stored state (re-read first: runs of other --steps may share it)."""
+    state = json.loads((out / STATE).read_text())
+    state["steps"].update(steps or {})
+    state.update(top)
+    _write_state(out, state)
+    return state
+
+
 def _write_state(out: Path, state: dict[str, Any]) -> None:
-    tmp = out / (STATE + ".tmp")
+    tmp = out / f"{STATE}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(state, indent=2))
     tmp.replace(out / STATE)

@@ -121,15 +121,9 @@ def pooled_stats(w: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> dict[st
 
 def sample_sums(active: np.ndarray, static: np.ndarray, keep: bool) -> tuple[list[float], np.ndarray]:
     """(sum of sizes, steps, sum/count of J with static, sum/count of adjacent J, per-head counts) of one sample."""
-    from dynheads.experiments.dynamism import jaccard
+    from dynheads.experiments.dynamism import step_jaccards
 
-    js = [jaccard(s, static) if s.any() else 0.0 for s in active if keep or s.any()]
-    ja = []
-    for a, b in zip(active[:-1], active[1:]):
-        if a.any() and b.any():
-            ja.append(jaccard(a, b))
-        elif keep:
-            ja.append(1.0 if not (a.any() or b.any()) else 0.0)
+    js, ja = step_jaccards(active, static, keep)
     sizes = active.sum(1)
     return [float(sizes.sum()), float(len(active)), float(sum(js)), float(len(js)), float(sum(ja)), float(len(ja))], \
         active.sum(0).astype(float)

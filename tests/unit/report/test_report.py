@@ -91,6 +91,8 @@ def test_reproduce_resumes_and_skips_finished_steps(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):  # killed in step b: a is kept
         rep.reproduce("m", rep.Preset(), tmp_path, "smoke", load=load, log=lambda m: None)
     assert [c[0] for c in calls] == ["a", "b"] and loads == ["m"]
+    stored = json.loads((tmp_path / rep.STATE).read_text())
+    assert stored["steps"]["b"]["status"] == "interrupted" and stored["model"] == {"source": "m"}
     calls_ok = True
     state = rep.reproduce("m", rep.Preset(), tmp_path, "smoke", load=load, log=lambda m: None)
     assert [c[0] for c in calls] == ["a", "b", "b", "c"]
