@@ -21,15 +21,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--run", type=Path, help="existing run folder (default: trace one sample now)")
     ap.add_argument("--length", type=int, default=8000)
+    ap.add_argument("--synthetic", action="store_true",
+                    help="no model: random records of the default model's shape (30 x 9 heads, 48 steps, top-5)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="viewer8k-")))
     args = ap.parse_args()
     run = args.run or args.out / "niah"
-    if args.run is None:
+    page_path = args.out / "view.html"
+    if args.synthetic:
+        from dynheads.report.view import render
+
+        page_path.write_text(render(synthetic(args.length)))
+    elif args.run is None:
         subprocess.run([str(BIN), "niah", "--model", "default", "--lengths", str(args.length), "--depths", "50",
                         "--samples-per-cell", "1", "--topk", "5", "--max-new-tokens", "48", "--out", str(run),
                         "--quiet"], check=True)
-    page_path = args.out / "view.html"
-    subprocess.run([str(BIN), "view", str(run), "--out", str(page_path)], check=True)
+    if not args.synthetic:
+        subprocess.run([str(BIN), "view", str(run), "--out", str(page_path)], check=True)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -48,6 +55,24 @@ def main() -> None:
     times.sort()
     print(f"prompt tokens {n_prompt}, steps {len(times)}, file {page_path.stat().st_size / 1e6:.2f} MB, "
           f"open {opened:.2f} s, step render median {times[len(times) // 2]:.1f} ms, max {times[-1]:.1f} ms")
+
+
+def synthetic(length: int, steps: int = 48, layers: int = 30, heads: int = 9, k: int = 5) -> dict:
+    """Page data of the shape `dynheads view` writes, filled with seeded random values."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = layers * heads
+    active = rng.random((steps, n)) < 0.015
+    cond = {"name": "niah", "note": "", "tokens": [f" t{i}" for i in range(steps)],
+            "score": active.astype(int).ravel().tolist(), "active": [np.flatnonzero(a).tolist() for a in active],
+            "ablated": None, "top1": rng.integers(0, length, steps * n).tolist(), "k": k,
+            "topk_pos": rng.integers(0, length, steps * n * k).tolist(),
+            "topk_weight": np.round(rng.random(steps * n * k), 3).tolist(), "windows": None}
+    return {"title": "synthetic", "subtitle": f"{length} prompt tokens", "layers": layers, "heads": heads,
+            "prompt": [f" w{i}" + ("\n" if i % 17 == 0 else "") for i in range(length)],
+            "marks": {"needle": [[length // 2, length // 2 + 40]]}, "conditions": [cond],
+            "static": [[i, 0.5] for i in range(20)], "static_source": "synthetic"}
 
 
 if __name__ == "__main__":

@@ -104,3 +104,44 @@ def test_reproduce_resumes_and_skips_finished_steps(tmp_path, monkeypatch):
         rep.reproduce("m", rep.preset("smoke", niah_per_cell=3), tmp_path, "smoke", load=load)
     with pytest.raises(ConfigError, match="unknown step 'z'"):
         rep.reproduce("m", rep.Preset(), tmp_path, "smoke", load=load, only=("z",))
+
+
+def test_sections_and_markdown_from_experiment_summaries(tmp_path):
+    from dynheads.experiments.ablation import CONDITIONS, summarise
+    from dynheads.experiments.rag import summarize
+    from dynheads.report.html import render_html, render_md
+    from dynheads.report.sections import sections
+
+    rng = np.random.default_rng(0)
+    acc = {"none": [1, 1, 1, 0], "dynamic": [0, 0, 0, 0], "static": [1, 0, 1, 0],
+           "static_excluding_dynamic": [1, 1, 0, 1], "random": [1, 1, 1, 1]}
+    per = {c: {"accuracy": np.array(acc[c], float), "rouge_l": np.array(acc[c], float) / 2,
+               "heads_masked_per_step": np.full(4, 1.5), "overlap_per_step": np.full(4, 0.5)} for c in CONDITIONS}
+    ablation = {**summarise(per, rng, 200), "n_samples": 4, "matched_heads_mean": 1.5}
+    q = lambda em, f1: {"em": em, "f1": f1, "n_retrievals": 1, "n_tokens": 5, "support_coverage": 0.5,  # noqa: E731
+                        "opened_fraction": 0.2}
+    rows = [{"strategies": {"dynamic": q(1, 1.0), "static": q(0, 0.5), "none": q(0, 0.0), "full": q(1, 1.0)}},
+            {"strategies": {"dynamic": q(0, 0.4), "static": q(0, 0.2), "none": q(0, 0.1), "full": q(1, 0.9)}}]
+    rag = summarize(rows, ["dynamic", "static", "none", "full"], rng, 200)
+    data = {"out": tmp_path, "config": {"model": {"path": "/m/SmolLM2.gguf", "fingerprint": "ab" * 32},
+                                        "versions": {"torch": "2.13.0"}},
+            "state": {"config": {"model": "default", "preset": "smoke"}, "created": "t",
+                      "steps": {"ablation": {"status": "done", "wall_s": 12.0, "command": "dynheads ablate …"},
+                                "cca": {"status": "skipped", "reason": "too few samples", "wall_s": 0.1}}},
+            "niah": {"samples": [], "dynamism": None, "cca": None, "probes": {}, "table1_ci": None,
+                     "figures": {"fig1": None, "fig4": None}},
+            "ablation": {"result": ablation, "figure": None}, "progressive": {"result": None, "figure": None},
+            "multihop": {"result": None, "regress": None, "figure": None}, "rag": {"result": rag}}
+    secs = {s.id: s for s in sections(data)}
+    assert [r[0] for r in secs["claim2"].tables[0].rows] == list(CONDITIONS)
+    assert secs["claim2"].tables[0].rows[1][1] == "0.00 [0.00, 0.00]"
+    assert secs["table4"].tables[0].rows[0][:2] == ["Dynamic", "0.456 / 0.5586"]
+    assert secs["fig4"].notes == ["Not comparable — step 'cca' was skipped: too few samples."]
+    v = {x.claim: x for x in vd.all_verdicts(data)}
+    assert v["Claim 2 (irreplaceability, Fig. 2)"].verdict == vd.REPRODUCED  # dynamic 0; both gaps below 0
+    assert v["Dynamic RAG (Table 4)"].verdict == vd.REPRODUCED  # F1 gaps +0.5 and +0.2 on both questions
+    assert v["Claim 3 (correlation, Fig. 4, Table 2)"].verdict == vd.NOT_COMPARABLE
+    md, page = render_md(data, list(v.values()), list(secs.values())), render_html(data, list(v.values()),
+                                                                                  list(secs.values()))
+    assert "| Dynamic | 0.456 / 0.5586 |" in md and "sha256: " + "ab" * 32 in md
+    assert page.count("<table>") == sum(len(s.tables) for s in secs.values()) + 2  # + verdicts, provenance
