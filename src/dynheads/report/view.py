@@ -53,8 +53,8 @@ def view_data(run_dir: str | Path, sample_id: str | None = None, tokenizer=None)
     static, source = static_ranking(run, layout)
     return {
         "title": f"{row['id']} — {Path(str(cfg['model'].get('path') or cfg['model']['source'])).name}",
-        "subtitle": f"{cfg['kind']} run {run.path.name}; {len(prompt_ids)} prompt tokens; score: "
-                    f"{_score_name(cfg)}; response: {row.get('response', '')[:200]!r}",
+        "subtitle": f"{cfg['kind']} run {run.path.name}; {len(prompt_ids)} prompt tokens; score: {_score_name(cfg)}"
+                    + (f"; response: {row['response'][:200]!r}" if "response" in row else ""),
         "layers": layout.n_layers, "heads": layout.n_heads, "prompt": decode(prompt_ids),
         "marks": {k: [list(s) for s in v] for k, v in row["token_spans"].items()},
         "conditions": [_compact(c, decode) for c in conds], "static": static, "static_source": source,
