@@ -41,7 +41,7 @@ class Preset:
     progressive_ks: tuple[int, ...] = (0, 1, 2, 5)
     hotpotqa: str = DEFAULT_HOTPOTQA
     multihop_records: tuple[int, int] = (30, 50)  # detection questions (Eq. 2 ranking, regressor, Fig. 6)
-    rag_records: tuple[int, int] = (0, 10)  # evaluated questions (Table 4)
+    rag_records: tuple[int, int] = (0, 5)  # evaluated questions (Table 4); 6 strategies each
     rag_strategies: tuple[str, ...] = ("dynamic", "static", "dynamic-random", "fixed-random", "none", "full")
     multihop_max_new_tokens: int = 16
     rag_max_new_tokens: int = 32
