@@ -97,7 +97,8 @@ def conditions(cfg: dict[str, Any], arrays: dict[str, np.ndarray], row: dict[str
 
 
 def static_ranking(run: RunDir, layout: HeadLayout) -> tuple[list[list], str]:
-    """Top heads by activation frequency: the run's dynamism result, else its first condition over all samples."""
+    """Top heads by activation frequency: the run's dynamism result, else its first condition (RAG: `full`) over
+    all samples."""
     res = _read_result(run.path, "dynamism")
     labels = layout.labels()
     if res and "frequency" in res:
@@ -107,7 +108,8 @@ def static_ranking(run: RunDir, layout: HeadLayout) -> tuple[list[list], str]:
         total, steps = np.zeros(layout.n_total), 0
         for r in run.sample_results():
             arrays = load_sample_records(run.path / "records" / f"{safe_name(r['id'])}.npz")
-            c = conditions(run.config, arrays, r, layout)[0]
+            conds = conditions(run.config, arrays, r, layout)  # RAG: the full-context strategy sees the support
+            c = next((x for x in conds if x["name"] == "full"), conds[0])
             if len(c["token_id"]):
                 x = c["active"] if c["active"] is not None else c["score"]
                 total += np.asarray(x, float).reshape(len(c["token_id"]), -1).sum(0)
