@@ -21,6 +21,7 @@ th{background:#f3f3f3}caption{text-align:left;font-style:italic;padding:2px 0}fi
 figure img{max-width:100%;border:1px solid #eee}.v-reproduced{color:#070;font-weight:bold}
 .v-not-reproduced{color:#a00;font-weight:bold}.v-not-comparable{color:#a60;font-weight:bold}
 .paper{background:#f7f7ff;border-left:3px solid #88c;padding:4px 8px}code{font-size:12px}"""
+_STEP_ORDER = ("niah", "dynamism", "cca", "probe_k", "ablation", "progressive", "multihop", "probe_regress", "rag")
 _MIME = {".png": "image/png", ".svg": "image/svg+xml"}
 
 
@@ -46,8 +47,11 @@ def provenance(data: dict[str, Any]) -> tuple[list[str], Table]:
              f"reproduction: dynheads reproduce --model {state['config']['model']} --preset "
              f"{state['config']['preset']} --out {data['out']} (started {state.get('created', '?')}; report built "
              f"{time.strftime('%Y-%m-%dT%H:%M:%S')})"]
+    order = list(state["steps"])
+    order.sort(key=lambda n: next((i for i, p in enumerate(_STEP_ORDER) if n.startswith(p)), len(_STEP_ORDER)))
     rows = [[name, e.get("status", "?") + (f": {e['reason']}" if e.get("reason") else ""),
-             f"{e.get('wall_s', 0):.0f}", e.get("command", "")] for name, e in state["steps"].items()]
+             f"{e.get('wall_s', e.get('wall_s_before', 0)):.0f}", e.get("command", "")]
+            for name, e in ((n, state["steps"][n]) for n in order)]
     return lines, Table("experiments (each step's equivalent command)", ["step", "status", "wall s", "command"], rows)
 
 
