@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.e2e.helpers import dynheads
+from e2e.helpers import dynheads
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.e2e,
