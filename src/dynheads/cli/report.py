@@ -30,7 +30,6 @@ def register(app: typer.Typer) -> None:
         only: Optional[str] = typer.Option(None, "--steps", help="run only these steps (comma-separated: niah, "
                                            "dynamism, cca, probe_k<k>, ablation, progressive, multihop, "
                                            "probe_regress_k0, rag); the others stay pending"),
-        threads: int = typer.Option(1, help="torch CPU threads (0: library default)"),
     ):
         """Run every experiment of the paper into OUT (resumable), then write report.html and report.md."""
         from dynheads.experiments import reproduce as rep
@@ -46,10 +45,6 @@ def register(app: typer.Typer) -> None:
             multihop_records=(base.multihop_records[0], base.multihop_records[0] + multihop_questions)
             if multihop_questions else None,
             rag_records=(base.rag_records[0], base.rag_records[0] + rag_questions) if rag_questions else None)
-        if threads > 0:
-            import torch
-
-            torch.set_num_threads(threads)
         rep.reproduce(model, sizes, out, preset, log=lambda m: print(m, file=sys.stderr),
                       only=parse_list(only, "steps", str) if only else None)
         _build_report(out)

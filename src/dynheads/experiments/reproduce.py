@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from dynheads.errors import ConfigError, DynheadsError
+from dynheads.errors import ConfigError, DynheadsError, Interrupted
 
 DEFAULT_HOTPOTQA = "../shared/data/hotpotqa/hotpotqa_dev_distractor_first100_hf.json"
 STATE = "reproduce.json"
@@ -167,13 +167,13 @@ def reproduce(model: str, p: Preset, out: str | Path, preset_name: str = "custom
         try:
             step.run(lm)
             entry = {"status": "done"}
+        except (KeyboardInterrupt, Interrupted):  # the time spent so far counts toward the step on resume
+            _record(out, {step.name: {"status": "interrupted", "command": step.command, "folder": step.folder,
+                                      "wall_s_before": round(before + time.time() - start, 1)}})
+            raise
         except DynheadsError as exc:  # recorded; the report marks what depends on it "not comparable"
             entry = {"status": "skipped", "reason": str(exc)}
             log(f"[{step.name}] skipped: {exc}")
-        except KeyboardInterrupt:  # the time spent so far counts toward the step's wall time on resume
-            _record(out, {step.name: {"status": "interrupted", "command": step.command, "folder": step.folder,
-                                     "wall_s_before": round(before + time.time() - start, 1)}})
-            raise
         entry.update(command=step.command, folder=step.folder, wall_s=round(before + time.time() - start, 1))
         state = _record(out, {step.name: entry})
     return state

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from dynheads.errors import ConfigError, DataError
+from dynheads.errors import ConfigError, DataError, Interrupted
 from dynheads.experiments import reproduce as rep
 from dynheads.experiments.dynamism import DynamismConfig, dynamism_stats
 from dynheads.report import verdicts as vd
@@ -81,14 +81,14 @@ def test_reproduce_resumes_and_skips_finished_steps(tmp_path, monkeypatch):
                     raise fail
             return run
         return [rep.Step("a", "a", False, "cmd a", work("a")),
-                rep.Step("b", "b", True, "cmd b", work("b", KeyboardInterrupt() if not calls_ok else None)),
+                rep.Step("b", "b", True, "cmd b", work("b", Interrupted("stopped") if not calls_ok else None)),
                 rep.Step("c", "c", False, "cmd c", work("c", DataError("too few samples")))]
 
     monkeypatch.setattr(rep, "steps", fake_steps)
     loads = []
     load = lambda m: loads.append(m) or type("LM", (), {"describe": lambda self: {"source": m}})()  # noqa: E731
     calls_ok = False
-    with pytest.raises(KeyboardInterrupt):  # killed in step b: a is kept
+    with pytest.raises(Interrupted):  # Ctrl-C in step b (the runner raises Interrupted): a is kept
         rep.reproduce("m", rep.Preset(), tmp_path, "smoke", load=load, log=lambda m: None)
     assert [c[0] for c in calls] == ["a", "b"] and loads == ["m"]
     stored = json.loads((tmp_path / rep.STATE).read_text())
