@@ -1,0 +1,170 @@
+"""Multi-needle NIAH: which heads copy from which needle, and whether different needles get different heads.
+
+`needle_index` [T, L, H] (int8, recorded per step by `run_niah` for multi-needle runs) is the needle
+a head copies from at that step: the Eq. 1 copy-paste condition (top-1 position inside needle_i's
+span and holding the generated token) evaluated against each needle's own span; −1 = none. Unlike
+the run's score, a head that copies a distractor (multikey) counts for that distractor.
+
+Choices (paper silent; README): a head *serves* needle i in a set of steps when it copies from it at
+least once there. Between needles: per sample, the Jaccard of the head sets serving needle i and
+needle j (i < j). Control: heads change from step to step anyway (claim 1), so each needle's copy
+steps are split into two interleaved halves (even and odd copy steps) and the *within* Jaccard
+J(S_i^even, S_i^odd) is compared with the *between* Jaccard J(S_i^even, S_j^odd) (same set sizes on
+both sides). Only samples with ≥ 2 copy steps on ≥ 2 needles count. The verdict comes from the
+paired difference within − between over samples (bootstrap 95% interval, Wilcoxon): above zero →
+the model uses different heads for different needles; otherwise it cannot be told apart from
+ordinary step-to-step turnover.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+
+import numpy as np
+
+from dynheads.errors import DataError
+from dynheads.experiments.dynamism import jaccard
+from dynheads.experiments.stats import paired_difference
+from dynheads.heads import HeadLayout
+from dynheads.runs import RunDir
+from dynheads.scores.copy_paste import in_spans
+
+MIN_SAMPLES = 3  # below this many eligible samples the verdict is "cannot tell"
+
+
+def needle_index(arrays: dict[str, np.ndarray], token_spans: dict, n_needles: int) -> np.ndarray:
+    """int8 [T, L, H]: the needle each head copies from at each step (Eq. 1 per needle span), −1 = none."""
+    pos, tok = arrays["top1_pos"], arrays["top1_token"]
+    copies = tok == arrays["token_id"][:, None, None]
+    out = np.full(pos.shape, -1, np.int8)
+    for i in range(n_needles):
+        out[(out < 0) & copies & in_spans(pos, token_spans[f"needle_{i}"])] = i
+    return out
+
+
+@dataclass
+class NeedleStats:
+    """Per-needle head usage of a multi-needle run, and the between/within-needle Jaccard comparison."""
+
+    n_needles: int
+    mode: str
+    n_samples: int
+    copy_events: list[int]  # head-steps copying from needle i
+    steps_with_copy: list[int]  # steps where at least one head copies from needle i
+    recall: list[float | None]  # fraction of samples whose response holds needle i's value
+    top_heads: list[list[tuple[str, int]]]  # per needle: (head, copy steps), most first
+    pooled_jaccard: list[list[float | None]]  # [N, N] Jaccard of the run's head sets (≥ 1 copy anywhere)
+    n_eligible: int  # samples in the between/within comparison
+    between: float | None  # mean per-sample J(S_i^even, S_j^odd), i ≠ j
+    within: float | None  # mean per-sample J(S_i^even, S_i^odd)
+    difference: dict | None  # paired within − between over samples (PairedDifference as a dict)
+    verdict: str = ""
+    counts: list[list[int]] = field(default_factory=list)  # [N, L*H] copy steps per needle and head
+
+
+def needle_head_stats(index: np.ndarray, sample_ids: np.ndarray, n_needles: int, labels: list[str],
+                      mode: str = "", found: dict[str, list[float]] | None = None, top: int = 5,
+                      seed: int = 0) -> NeedleStats:
+    """Statistics of `index` int8 [N_steps, L, H] (see module docstring); `found`: sample → per-needle recall."""
+    if not len(index):
+        raise DataError("no generated steps to analyse")
+    flat = index.reshape(len(index), -1)
+    counts = np.stack([(flat == i).sum(0) for i in range(n_needles)])  # [N, L*H]
+    served = counts > 0
+    pooled = [[_nan_none(jaccard(served[i], served[j])) for j in range(n_needles)] for i in range(n_needles)]
+    within, between = [], []
+    for sid in dict.fromkeys(sample_ids.tolist()):
+        w, b = _split_jaccards(flat[sample_ids == sid], n_needles)
+        if w is not None:
+            within.append(w)
+            between.append(b)
+    diff = (asdict(paired_difference(np.array(within), np.array(between), np.random.default_rng(seed)))
+            if len(within) >= MIN_SAMPLES else None)
+    recall = [_nan_none(float(np.mean([f[i] for f in found.values()]))) if found else None for i in range(n_needles)]
+    return NeedleStats(
+        n_needles=n_needles, mode=mode, n_samples=len(set(sample_ids.tolist())),
+        copy_events=counts.sum(1).tolist(), steps_with_copy=[int((flat == i).any(1).sum()) for i in range(n_needles)],
+        recall=recall,
+        top_heads=[[(labels[h], int(counts[i, h])) for h in np.lexsort((np.arange(counts.shape[1]), -counts[i]))[:top]
+                    if counts[i, h]] for i in range(n_needles)],
+        pooled_jaccard=pooled, n_eligible=len(within),
+        between=float(np.mean(between)) if between else None, within=float(np.mean(within)) if within else None,
+        difference=diff, verdict=_verdict(diff, len(within)), counts=counts.tolist(),
+    )
+
+
+def run(run_dir: RunDir, only_correct: bool = False, top: int = 5) -> NeedleStats:
+    """Needle statistics of a multi-needle run: results/needles.json and figures/needle_heads.png."""
+    from dynheads.report.needle_figures import heads_by_needle
+
+    cfg = run_dir.config
+    n = int(cfg["task"]["num_needles"])
+    layout = HeadLayout(**cfg["layout"])
+    records = run_dir.read_records()
+    results = {r["id"]: r for r in run_dir.sample_results()}
+    if only_correct:
+        records = records.select(np.array([results[s]["accuracy"] >= 1.0 for s in records.sample_ids], bool))
+    found = {sid: results[sid]["needle_found"] for sid in records.samples()}
+    stats = needle_head_stats(records.array("needle_index"), records.sample_ids, n, layout.labels(),
+                              cfg["task"]["mode"], found, top, cfg.get("seed", 0))
+    run_dir.write_result("needles", asdict(stats))
+    fig = heads_by_needle(np.array(stats.counts), layout.labels(), title=f"{cfg['model']['source']}: copy steps "
+                          f"per head and needle ({stats.mode}, {n} needles)")
+    fig.savefig(run_dir.figure_path("needle_heads"), dpi=150, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return stats
+
+
+def is_multi_needle(config: dict) -> bool:
+    """True for a run folder traced with `niah --num-needles N` (N ≥ 2)."""
+    return int(config.get("task", {}).get("num_needles", 1)) > 1
+
+
+def format_needles(stats: NeedleStats) -> str:
+    """Per-needle heads, the Jaccard matrix and the answer to 'different heads for different needles?'."""
+    lines = [f"multi-needle ({stats.mode}, {stats.n_needles} needles, {stats.n_samples} samples; needle_0 is "
+             f"{'the queried one' if stats.mode == 'multikey' else 'at the cell depth'}):"]
+    for i in range(stats.n_needles):
+        rec = "–" if stats.recall[i] is None else f"{stats.recall[i]:.2f}"
+        heads = ", ".join(f"{h} ({c})" for h, c in stats.top_heads[i]) or "none"
+        lines.append(f"  needle_{i}: recalled {rec}, {stats.steps_with_copy[i]} steps copied from it; heads: {heads}")
+    lines.append("  Jaccard of the heads serving each needle (whole run): " + "; ".join(
+        f"{i}–{j} {_fmt(stats.pooled_jaccard[i][j])}" for i, j in combinations(range(stats.n_needles), 2)))
+    lines.append(f"  per sample ({stats.n_eligible} with ≥ 2 copy steps on ≥ 2 needles): between needles "
+                 f"{_fmt(stats.between)}, same needle (even vs odd copy steps) {_fmt(stats.within)}")
+    lines.append(f"  different heads for different needles? {stats.verdict}")
+    return "\n".join(lines)
+
+
+def _split_jaccards(flat: np.ndarray, n_needles: int) -> tuple[float | None, float | None]:
+    """One sample's mean within-needle and between-needle Jaccard of interleaved half sets, or (None, None)."""
+    halves = {}
+    for i in range(n_needles):
+        steps = np.flatnonzero((flat == i).any(1))
+        if len(steps) >= 2:
+            halves[i] = ((flat[steps[0::2]] == i).any(0), (flat[steps[1::2]] == i).any(0))
+    if len(halves) < 2:
+        return None, None
+    within = [jaccard(even, odd) for even, odd in halves.values()]
+    between = [jaccard(halves[i][0], halves[j][1]) for i in halves for j in halves if i != j]
+    return float(np.mean(within)), float(np.mean(between))
+
+
+def _verdict(diff: dict | None, n: int) -> str:
+    if diff is None:
+        return f"cannot tell ({n} eligible samples, need {MIN_SAMPLES})"
+    gap = (f"within − between {diff['mean_difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}], "
+           f"Wilcoxon p = {diff['p_value']:.3g}, n = {diff['n']}")
+    if diff["low"] > 0:
+        return f"yes: heads overlap less across needles than within one needle ({gap})"
+    return f"no: needles share their heads as much as one needle's own steps do ({gap})"
+
+
+def _nan_none(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"

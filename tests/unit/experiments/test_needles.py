@@ -1,0 +1,58 @@
+"""Per-needle head statistics on hand-made arrays with hand-derived answers."""
+import numpy as np
+import pytest
+
+from dynheads.experiments.needles import needle_head_stats, needle_index
+
+LABELS = ["L0-H0", "L0-H1", "L0-H2", "L0-H3"]
+
+
+def test_needle_index_is_the_copy_condition_per_needle_span():
+    spans = {"needle_0": [(10, 12)], "needle_1": [(20, 22)], "needle": [(10, 12)]}
+    arrays = {"top1_pos": np.array([[[10, 20, 5]], [[11, 21, 21]]]),  # [T=2, L=1, H=3]
+              "top1_token": np.array([[[7, 7, 7]], [[8, 9, 8]]]), "token_id": np.array([7, 8])}
+    # step 0: H0 copies from needle_0, H1 from needle_1, H2 looks outside; step 1: H1 holds another token
+    np.testing.assert_array_equal(needle_index(arrays, spans, 2), [[[0, 1, -1]], [[0, -1, 1]]])
+
+
+def _sample(*steps, n_heads=4):
+    """One sample's needle_index [T, 1, H] from per-step {head: needle} dicts."""
+    out = np.full((len(steps), 1, n_heads), -1, np.int8)
+    for t, step in enumerate(steps):
+        for h, i in step.items():
+            out[t, 0, h] = i
+    return out
+
+
+# needle_0 copied at steps 0 ({H0, H1}) and 1 ({H0, H2}); needle_1 at steps 2 ({H1, H3}) and 3 ({H1})
+DIFFERENT = _sample({0: 0, 1: 0}, {0: 0, 2: 0}, {1: 1, 3: 1}, {1: 1}, {})
+
+
+def test_jaccards_counts_and_verdict_on_hand_made_samples():
+    index = np.concatenate([DIFFERENT] * 3)
+    ids = np.repeat(["a", "b", "c"], len(DIFFERENT))
+    stats = needle_head_stats(index, ids, 2, LABELS, "multivalue", {"a": [1, 0], "b": [1, 1], "c": [0, 0]})
+    # whole run: needle_0 served by {H0, H1, H2}, needle_1 by {H1, H3} → J = 1/4
+    assert stats.pooled_jaccard == [[1.0, 0.25], [0.25, 1.0]]
+    # within: J({H0,H1},{H0,H2}) = 1/3 and J({H1,H3},{H1}) = 1/2 → 5/12
+    # between: J({H0,H1},{H1}) = 1/2 and J({H1,H3},{H0,H2}) = 0 → 1/4
+    assert stats.within == pytest.approx(5 / 12) and stats.between == pytest.approx(1 / 4)
+    assert stats.n_eligible == 3 and stats.difference["mean_difference"] == pytest.approx(1 / 6)
+    assert stats.verdict.startswith("yes")
+    assert stats.copy_events == [12, 9] and stats.steps_with_copy == [6, 6]
+    assert stats.recall == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
+    assert stats.top_heads[0] == [("L0-H0", 6), ("L0-H1", 3), ("L0-H2", 3)]
+    assert stats.top_heads[1] == [("L0-H1", 6), ("L0-H3", 3)]
+    assert np.array(stats.counts).shape == (2, 4)
+
+
+def test_same_heads_for_both_needles_is_no_and_too_few_samples_cannot_tell():
+    same = _sample({0: 0, 1: 0}, {0: 0, 1: 0}, {0: 1, 1: 1}, {0: 1, 1: 1})
+    one_needle = _sample({0: 0}, {0: 0}, {0: 1})  # needle_1 copied once only: not eligible
+    index = np.concatenate([same] * 3 + [one_needle])
+    ids = np.repeat(["a", "b", "c", "d"], [4, 4, 4, 3])
+    stats = needle_head_stats(index, ids, 2, LABELS)
+    assert stats.within == 1.0 and stats.between == 1.0 and stats.n_eligible == 3
+    assert stats.verdict.startswith("no") and stats.recall == [None, None]
+    few = needle_head_stats(np.concatenate([same, one_needle]), np.repeat(["a", "d"], [4, 3]), 2, LABELS)
+    assert few.n_eligible == 1 and few.difference is None and few.verdict.startswith("cannot tell")
