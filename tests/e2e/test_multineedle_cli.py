@@ -30,8 +30,7 @@ def test_multikey_run_records_each_needle_and_which_needle_each_head_copies(mult
         r = json.loads((out / "samples" / f"{sid}.json").read_text())
         assert r["token_spans"]["needle"] == r["token_spans"]["needle_0"] and len(r["needle_found"]) == 2
         assert r["accuracy"] == r["needle_found"][0]
-        spans = {k: [tuple(s) for s in v] for k, v in r["token_spans"].items()}
-        np.testing.assert_array_equal(part.array("needle_index"), needle_index(part.arrays, spans, 2))
+        np.testing.assert_array_equal(part.array("needle_index"), needle_index(part.arrays, _spans(out, sid), 2))
         # the run's Eq. 1 score (span "needle" = needle_0) is exactly "copies from needle_0"
         np.testing.assert_array_equal(part.array("score") == 1, part.array("needle_index") == 0)
         assert part.array("mass_needle_0").shape == part.array("top1_pos").shape
@@ -44,8 +43,13 @@ def test_dynamism_answers_per_needle_and_export_heads_writes_a_duo_tsv(multikey_
     assert "multi-needle (multikey, 2 needles, 2 samples" in proc.stdout
     assert "different heads for different needles? " in proc.stdout
     stats = json.loads((out / "results" / "needles.json").read_text())
-    index = load_records(out).array("needle_index")
-    assert stats["copy_events"] == [int((index == 0).sum()), int((index == 1).sum())]
+    rec = load_records(out)
+    values = np.concatenate([needle_index(part.arrays, _spans(out, sid), 2, "value") for sid, part in rec.by_sample().items()])
+    assert stats["part"] == "value" and stats["copy_events"] == [int((values == 0).sum()), int((values == 1).sum())]
+    assert dynheads("dynamism", out, "--needle-part", "needle").returncode == 0
+    stats, index = json.loads((out / "results" / "needles.json").read_text()), rec.array("needle_index")
+    assert stats["part"] == "needle" and stats["copy_events"] == [int((index == 0).sum()), int((index == 1).sum())]
+    assert ((values >= 0) <= (index == values)).all()  # a value copy is a copy from the same needle's sentence
     assert (out / "figures" / "needle_heads.png").stat().st_size > 5_000
     proc = dynheads("export-heads", out, "--format", "duo", "--top", "10", "--out", tmp_path / "duo")
     assert proc.returncode == 0, proc.stderr
@@ -57,3 +61,8 @@ def test_bad_multi_needle_options_are_one_line_errors(tmp_path):
     assert_one_line_error(dynheads("niah", "--mode", "multivalue", "--out", tmp_path / "r"), "--mode needs --num-needles")
     assert_one_line_error(dynheads("niah", "--lengths", "300", "--num-needles", "2", "--mode", "multiquery",
                                    "--out", tmp_path / "r"), "unknown --mode 'multiquery'")
+
+
+def _spans(out, sid):
+    r = json.loads((out / "samples" / f"{sid}.json").read_text())
+    return {k: [tuple(s) for s in v] for k, v in r["token_spans"].items()}

@@ -75,6 +75,8 @@ def register(app: typer.Typer) -> None:
         only_correct: bool = typer.Option(False, help="use only correctly answered samples"),
         static_file: Optional[str] = typer.Option(None, help="head_score JSON of a separate detection run"),
         sample: Optional[str] = typer.Option(None, help="sample id for the Fig. 1 heatmap"),
+        needle_part: str = typer.Option("value", help="multi-needle runs: count copies from each needle's 'value' "
+                                        "or its whole 'needle' sentence"),
     ):
         """Table 1 dynamism statistics and the Fig. 1 heatmap of a traced run."""
         from dynheads.experiments import dynamism as dyn
@@ -87,7 +89,7 @@ def register(app: typer.Typer) -> None:
         from dynheads.experiments import needles as ndl
 
         if ndl.is_multi_needle(run.config):  # a `niah --num-needles N` run: heads per needle
-            typer.echo(ndl.format_needles(ndl.run(run, only_correct)))
+            typer.echo(ndl.format_needles(ndl.run(run, only_correct, needle_part)))
             typer.echo(f"figure: {run.figure_path('needle_heads')}")
         typer.echo(str(run.path))
 

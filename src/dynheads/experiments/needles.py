@@ -5,6 +5,10 @@ a head copies from at that step: the Eq. 1 copy-paste condition (top-1 position 
 span and holding the generated token) evaluated against each needle's own span; −1 = none. Unlike
 the run's score, a head that copies a distractor (multikey) counts for that distractor.
 
+`dynheads dynamism` counts copies from each needle's *value* (`value_i` span, the UUID) by default:
+every multivalue needle holds the same key and template words, so a copy of " magic words for
+apricot" says little about which needle is being read. `--needle-part needle` uses whole sentences.
+
 Choices (paper silent; README): a head *serves* needle i in a set of steps when it copies from it at
 least once there. Between needles: per sample, the Jaccard of the head sets serving needle i and
 needle j (i < j). Control: heads change from step to step anyway (claim 1), so each needle's copy
@@ -22,7 +26,7 @@ from itertools import combinations
 
 import numpy as np
 
-from dynheads.errors import DataError
+from dynheads.errors import ConfigError, DataError
 from dynheads.experiments.dynamism import jaccard
 from dynheads.experiments.stats import paired_difference
 from dynheads.heads import HeadLayout
@@ -30,15 +34,16 @@ from dynheads.runs import RunDir
 from dynheads.scores.copy_paste import in_spans
 
 MIN_SAMPLES = 3  # below this many eligible samples the verdict is "cannot tell"
+PARTS = ("value", "needle")  # what of a needle counts as copying from it (see `run`)
 
 
-def needle_index(arrays: dict[str, np.ndarray], token_spans: dict, n_needles: int) -> np.ndarray:
-    """int8 [T, L, H]: the needle each head copies from at each step (Eq. 1 per needle span), −1 = none."""
+def needle_index(arrays: dict[str, np.ndarray], token_spans: dict, n_needles: int, part: str = "needle") -> np.ndarray:
+    """int8 [T, L, H]: the needle each head copies from at each step (Eq. 1 per `{part}_i` span), −1 = none."""
     pos, tok = arrays["top1_pos"], arrays["top1_token"]
     copies = tok == arrays["token_id"][:, None, None]
     out = np.full(pos.shape, -1, np.int8)
     for i in range(n_needles):
-        out[(out < 0) & copies & in_spans(pos, token_spans[f"needle_{i}"])] = i
+        out[(out < 0) & copies & in_spans(pos, token_spans[f"{part}_{i}"])] = i
     return out
 
 
@@ -48,6 +53,7 @@ class NeedleStats:
 
     n_needles: int
     mode: str
+    part: str  # "value" or "needle": what of a needle counts as copying from it
     n_samples: int
     copy_events: list[int]  # head-steps copying from needle i
     steps_with_copy: list[int]  # steps where at least one head copies from needle i
@@ -64,7 +70,7 @@ class NeedleStats:
 
 def needle_head_stats(index: np.ndarray, sample_ids: np.ndarray, n_needles: int, labels: list[str],
                       mode: str = "", found: dict[str, list[float]] | None = None, top: int = 5,
-                      seed: int = 0) -> NeedleStats:
+                      seed: int = 0, part: str = "needle") -> NeedleStats:
     """Statistics of `index` int8 [N_steps, L, H] (see module docstring); `found`: sample → per-needle recall."""
     if not len(index):
         raise DataError("no generated steps to analyse")
@@ -82,7 +88,7 @@ def needle_head_stats(index: np.ndarray, sample_ids: np.ndarray, n_needles: int,
             if len(within) >= MIN_SAMPLES else None)
     recall = [_nan_none(float(np.mean([f[i] for f in found.values()]))) if found else None for i in range(n_needles)]
     return NeedleStats(
-        n_needles=n_needles, mode=mode, n_samples=len(set(sample_ids.tolist())),
+        n_needles=n_needles, mode=mode, part=part, n_samples=len(set(sample_ids.tolist())),
         copy_events=counts.sum(1).tolist(), steps_with_copy=[int((flat == i).any(1).sum()) for i in range(n_needles)],
         recall=recall,
         top_heads=[[(labels[h], int(counts[i, h])) for h in np.lexsort((np.arange(counts.shape[1]), -counts[i]))[:top]
@@ -93,10 +99,16 @@ def needle_head_stats(index: np.ndarray, sample_ids: np.ndarray, n_needles: int,
     )
 
 
-def run(run_dir: RunDir, only_correct: bool = False, top: int = 5) -> NeedleStats:
-    """Needle statistics of a multi-needle run: results/needles.json and figures/needle_heads.png."""
+def run(run_dir: RunDir, only_correct: bool = False, part: str = "value", top: int = 5) -> NeedleStats:
+    """Needle statistics of a multi-needle run: results/needles.json and figures/needle_heads.png.
+
+    part: "value" counts copies from each needle's value (its UUID) only; "needle" from the whole
+    sentence (the recorded `needle_index`), where the key and template words every needle shares count too.
+    """
     from dynheads.report.needle_figures import heads_by_needle
 
+    if part not in PARTS:
+        raise ConfigError(f"unknown needle part '{part}'; choose one of: {', '.join(PARTS)}")
     cfg = run_dir.config
     n = int(cfg["task"]["num_needles"])
     layout = HeadLayout(**cfg["layout"])
@@ -105,8 +117,10 @@ def run(run_dir: RunDir, only_correct: bool = False, top: int = 5) -> NeedleStat
     if only_correct:
         records = records.select(np.array([results[s]["accuracy"] >= 1.0 for s in records.sample_ids], bool))
     found = {sid: results[sid]["needle_found"] for sid in records.samples()}
-    stats = needle_head_stats(records.array("needle_index"), records.sample_ids, n, layout.labels(),
-                              cfg["task"]["mode"], found, top, cfg.get("seed", 0))
+    index = np.concatenate([_sample_index(rec, results[sid]["token_spans"], n, part, sid)
+                            for sid, rec in records.by_sample().items()])
+    stats = needle_head_stats(index, records.sample_ids, n, layout.labels(), cfg["task"]["mode"], found, top,
+                              cfg.get("seed", 0), part)
     run_dir.write_result("needles", asdict(stats))
     fig = heads_by_needle(np.array(stats.counts), layout.labels(), title=f"{cfg['model']['source']}: copy steps "
                           f"per head and needle ({stats.mode}, {n} needles)")
@@ -125,7 +139,8 @@ def is_multi_needle(config: dict) -> bool:
 def format_needles(stats: NeedleStats) -> str:
     """Per-needle heads, the Jaccard matrix and the answer to 'different heads for different needles?'."""
     lines = [f"multi-needle ({stats.mode}, {stats.n_needles} needles, {stats.n_samples} samples; needle_0 is "
-             f"{'the queried one' if stats.mode == 'multikey' else 'at the cell depth'}):"]
+             f"{'the queried one' if stats.mode == 'multikey' else 'at the cell depth'}; copies from each "
+             f"needle's {'value' if stats.part == 'value' else 'whole sentence'}):"]
     for i in range(stats.n_needles):
         rec = "–" if stats.recall[i] is None else f"{stats.recall[i]:.2f}"
         heads = ", ".join(f"{h} ({c})" for h, c in stats.top_heads[i]) or "none"
@@ -136,6 +151,14 @@ def format_needles(stats: NeedleStats) -> str:
                  f"{_fmt(stats.between)}, same needle (even vs odd copy steps) {_fmt(stats.within)}")
     lines.append(f"  different heads for different needles? {stats.verdict}")
     return "\n".join(lines)
+
+
+def _sample_index(rec, token_spans: dict, n: int, part: str, sid: str) -> np.ndarray:
+    if f"{part}_0" not in token_spans:
+        raise DataError(f"sample {sid} has no '{part}_0' span (traced by an older dynheads); use --needle-part needle")
+    if not len(rec):
+        return np.zeros((0,) + rec.array("needle_index").shape[1:], np.int8)
+    return needle_index(rec.arrays, {k: [tuple(s) for s in v] for k, v in token_spans.items()}, n, part)
 
 
 def _split_jaccards(flat: np.ndarray, n_needles: int) -> tuple[float | None, float | None]:

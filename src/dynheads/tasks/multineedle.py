@@ -13,8 +13,9 @@ the accuracy-by-depth grid keeps its meaning for the queried needle. Each depth 
 sentence end of the haystack (`niah.sentence_start`); needles snapped to the same point follow
 each other in index order.
 
-Spans: `needle_0` … `needle_{N-1}` (each needle sentence), `needle` = the queried needle(s)
-(needle_0 for multikey, all for multivalue; Eq. 1 scores against it), `answer` = the queried values.
+Spans: `needle_0` … `needle_{N-1}` (each needle sentence), `value_0` … `value_{N-1}` (each needle's
+value), `needle` = the queried needle(s) (needle_0 for multikey, all for multivalue; Eq. 1 scores
+against it), `answer` = the queried values.
 Prompt length: exactly the grid's length where a haystack cut allows it, else the longest prompt below it
 (a longer cut can move a needle to a later sentence end; `prompt_tokens` holds the count).
 Accuracy: multikey, the queried value appears in the response; multivalue, the fraction of the N
@@ -128,12 +129,13 @@ def build_multi_sample(tokenizer, hay, needles: NeedleSet, length: int, depth: f
     def make(haystack: str) -> Sample:
         context, starts = insert_needles(haystack, texts, list(needles.depths))
         each = {f"needle_{i}": [(s, s + len(t))] for i, (s, t) in enumerate(zip(starts, texts))}
-        answers = [(starts[i] + n.answer_offset, starts[i] + n.answer_offset + len(n.answer))
-                   for i, n in enumerate(needles.needles) if i in needles.queried]
+        value = {f"value_{i}": [(starts[i] + n.answer_offset, starts[i] + n.answer_offset + len(n.answer))]
+                 for i, n in enumerate(needles.needles)}
         return Sample(
             id=sample_id, context=context, question=needles.question,
             answer=values[0] if mode == "multikey" else values,
-            spans={"needle": [each[f"needle_{i}"][0] for i in needles.queried], "answer": answers, **each},
+            spans={"needle": [each[f"needle_{i}"][0] for i in needles.queried],
+                   "answer": [value[f"value_{i}"][0] for i in needles.queried], **each, **value},
             prompt=NIAH_PROMPT,
             metadata={"length": length, "depth": depth, "needle": texts[needles.queried[0]], "mode": mode,
                       "needles": texts, "depths": list(needles.depths), "values": [n.answer for n in needles.needles],

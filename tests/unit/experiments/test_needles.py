@@ -13,6 +13,8 @@ def test_needle_index_is_the_copy_condition_per_needle_span():
               "top1_token": np.array([[[7, 7, 7]], [[8, 9, 8]]]), "token_id": np.array([7, 8])}
     # step 0: H0 copies from needle_0, H1 from needle_1, H2 looks outside; step 1: H1 holds another token
     np.testing.assert_array_equal(needle_index(arrays, spans, 2), [[[0, 1, -1]], [[0, -1, 1]]])
+    values = {"value_0": [(11, 12)], "value_1": [(20, 21)]}  # only position 11 of needle_0 and 20 of needle_1
+    np.testing.assert_array_equal(needle_index(arrays, values, 2, "value"), [[[-1, 1, -1]], [[0, -1, -1]]])
 
 
 def _sample(*steps, n_heads=4):

@@ -58,8 +58,9 @@ def test_multikey_samples_have_exact_spans_one_queried_needle_and_spread_depths(
         assert 390 <= enc.prompt_len == meta["prompt_tokens"] <= 400 and meta["depths"] == list(needle_depths(depth, 3)) and meta["queried"] == [0]
         texts = meta["needles"]
         assert [_decoded(tokenizer, enc, f"needle_{i}") for i in range(3)] == [[t] for t in texts]
-        assert enc.token_spans["needle"] == enc.token_spans["needle_0"]
-        assert enc.sample.answer == meta["values"][0] and enc.sample.answer in _decoded(tokenizer, enc, "answer")[0]
+        assert enc.token_spans["needle"] == enc.token_spans["needle_0"] and enc.token_spans["answer"] == enc.token_spans["value_0"]
+        assert enc.sample.answer == meta["values"][0]
+        assert [v in _decoded(tokenizer, enc, f"value_{i}")[0] for i, v in enumerate(meta["values"])] == [True] * 3
         keys = [t.split(" for ")[1].split(" is ")[0] for t in texts]
         assert len(set(keys)) == 3 and set(keys) <= set(KEYS) and enc.sample.question == f"What is the magic word for {keys[0]}?"
         assert len(set(meta["values"])) == 3 and all(len(v) == 36 for v in meta["values"])
