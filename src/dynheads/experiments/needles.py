@@ -9,15 +9,15 @@ the run's score, a head that copies a distractor (multikey) counts for that dist
 every multivalue needle holds the same key and template words, so a copy of " magic words for
 apricot" says little about which needle is being read. `--needle-part needle` uses whole sentences.
 
-Choices (paper silent; README): a head *serves* needle i in a set of steps when it copies from it at
-least once there. Between needles: per sample, the Jaccard of the head sets serving needle i and
-needle j (i < j). Control: heads change from step to step anyway (claim 1), so each needle's copy
-steps are split into two interleaved halves (even and odd copy steps) and the *within* Jaccard
-J(S_i^even, S_i^odd) is compared with the *between* Jaccard J(S_i^even, S_j^odd) (same set sizes on
-both sides). Only samples with ≥ 2 copy steps on ≥ 2 needles count. The verdict comes from the
-paired difference within − between over samples (bootstrap 95% interval, Wilcoxon): above zero →
-the model uses different heads for different needles; otherwise it cannot be told apart from
-ordinary step-to-step turnover.
+Choices (paper silent; README): a head *serves* needle i when it copies from it at least once
+(the whole-run Jaccard matrix uses these sets). The verdict must not mistake ordinary step-to-step
+turnover (claim 1) for needle specificity, so it compares like with like: each step that copies is
+labelled with its needle (the one most heads copy from; ties → lower index) and its set D_t (the
+heads copying from that needle); over consecutive copying steps of one sample, the Jaccard where
+the needle *stays* the same is compared with the Jaccard where it *switches*. Samples with at least
+one pair of each kind count; the paired difference stay − switch over samples (bootstrap 95%
+interval, Wilcoxon) above zero → the model uses different heads for different needles; otherwise
+a needle switch changes the heads no more than the next copied token of the same needle does.
 """
 from __future__ import annotations
 
@@ -60,9 +60,10 @@ class NeedleStats:
     recall: list[float | None]  # fraction of samples whose response holds needle i's value
     top_heads: list[list[tuple[str, int]]]  # per needle: (head, copy steps), most first
     pooled_jaccard: list[list[float | None]]  # [N, N] Jaccard of the run's head sets (≥ 1 copy anywhere)
-    n_eligible: int  # samples in the between/within comparison
-    between: float | None  # mean per-sample J(S_i^even, S_j^odd), i ≠ j
-    within: float | None  # mean per-sample J(S_i^even, S_i^odd)
+    n_eligible: int  # samples with both kinds of consecutive copying-step pairs
+    between: float | None  # mean per-sample Jaccard of D_t across a needle switch
+    within: float | None  # mean per-sample Jaccard of D_t between consecutive copy steps of one needle
+    lags: tuple[float | None, float | None]  # mean steps between the paired steps (within, between)
     difference: dict | None  # paired within − between over samples (PairedDifference as a dict)
     verdict: str = ""
     counts: list[list[int]] = field(default_factory=list)  # [N, L*H] copy steps per needle and head
@@ -78,10 +79,12 @@ def needle_head_stats(index: np.ndarray, sample_ids: np.ndarray, n_needles: int,
     counts = np.stack([(flat == i).sum(0) for i in range(n_needles)])  # [N, L*H]
     served = counts > 0
     pooled = [[_nan_none(jaccard(served[i], served[j])) for j in range(n_needles)] for i in range(n_needles)]
-    within, between = [], []
+    within, between, lags = [], [], ([], [])
     for sid in dict.fromkeys(sample_ids.tolist()):
-        w, b = _split_jaccards(flat[sample_ids == sid], n_needles)
-        if w is not None:
+        w, b, lag_w, lag_b = _switch_jaccards(flat[sample_ids == sid], n_needles)
+        lags[0].extend(lag_w)
+        lags[1].extend(lag_b)
+        if w is not None and b is not None:
             within.append(w)
             between.append(b)
     diff = (asdict(paired_difference(np.array(within), np.array(between), np.random.default_rng(seed)))
@@ -95,6 +98,7 @@ def needle_head_stats(index: np.ndarray, sample_ids: np.ndarray, n_needles: int,
                     if counts[i, h]] for i in range(n_needles)],
         pooled_jaccard=pooled, n_eligible=len(within),
         between=float(np.mean(between)) if between else None, within=float(np.mean(within)) if within else None,
+        lags=tuple(float(np.mean(x)) if x else None for x in lags),
         difference=diff, verdict=_verdict(diff, len(within)), counts=counts.tolist(),
     )
 
@@ -147,8 +151,9 @@ def format_needles(stats: NeedleStats) -> str:
         lines.append(f"  needle_{i}: recalled {rec}, {stats.steps_with_copy[i]} steps copied from it; heads: {heads}")
     lines.append("  Jaccard of the heads serving each needle (whole run): " + "; ".join(
         f"{i}–{j} {_fmt(stats.pooled_jaccard[i][j])}" for i, j in combinations(range(stats.n_needles), 2)))
-    lines.append(f"  per sample ({stats.n_eligible} with ≥ 2 copy steps on ≥ 2 needles): between needles "
-                 f"{_fmt(stats.between)}, same needle (even vs odd copy steps) {_fmt(stats.within)}")
+    lines.append(f"  consecutive copying steps ({stats.n_eligible} samples with both kinds): Jaccard of their heads "
+                 f"{_fmt(stats.within)} when the needle stays (mean lag {_fmt(stats.lags[0], 2)} steps), "
+                 f"{_fmt(stats.between)} when it switches (mean lag {_fmt(stats.lags[1], 2)})")
     lines.append(f"  different heads for different needles? {stats.verdict}")
     return "\n".join(lines)
 
@@ -161,33 +166,34 @@ def _sample_index(rec, token_spans: dict, n: int, part: str, sid: str) -> np.nda
     return needle_index(rec.arrays, {k: [tuple(s) for s in v] for k, v in token_spans.items()}, n, part)
 
 
-def _split_jaccards(flat: np.ndarray, n_needles: int) -> tuple[float | None, float | None]:
-    """One sample's mean within-needle and between-needle Jaccard of interleaved half sets, or (None, None)."""
-    halves = {}
-    for i in range(n_needles):
-        steps = np.flatnonzero((flat == i).any(1))
-        if len(steps) >= 2:
-            halves[i] = ((flat[steps[0::2]] == i).any(0), (flat[steps[1::2]] == i).any(0))
-    if len(halves) < 2:
-        return None, None
-    within = [jaccard(even, odd) for even, odd in halves.values()]
-    between = [jaccard(halves[i][0], halves[j][1]) for i in halves for j in halves if i != j]
-    return float(np.mean(within)), float(np.mean(between))
+def _switch_jaccards(flat: np.ndarray, n_needles: int) -> tuple[float | None, float | None, list, list]:
+    """One sample [T, heads]: mean Jaccard of consecutive copying steps' D_t (stay, switch) and their lags."""
+    steps = np.flatnonzero((flat >= 0).any(1))
+    counts = np.stack([(flat[steps] == i).sum(1) for i in range(n_needles)], 1) if len(steps) else np.zeros((0, 1))
+    label = counts.argmax(1)  # the needle most heads copy from (ties: lower index)
+    stay, switch, lag_stay, lag_switch = [], [], [], []
+    for k in range(len(steps) - 1):
+        j = jaccard(flat[steps[k]] == label[k], flat[steps[k + 1]] == label[k + 1])
+        same = label[k] == label[k + 1]
+        (stay if same else switch).append(j)
+        (lag_stay if same else lag_switch).append(int(steps[k + 1] - steps[k]))
+    mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
+    return mean(stay), mean(switch), lag_stay, lag_switch
 
 
 def _verdict(diff: dict | None, n: int) -> str:
     if diff is None:
         return f"cannot tell ({n} eligible samples, need {MIN_SAMPLES})"
-    gap = (f"within − between {diff['mean_difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}], "
+    gap = (f"stay − switch {diff['mean_difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}], "
            f"Wilcoxon p = {diff['p_value']:.3g}, n = {diff['n']}")
     if diff["low"] > 0:
-        return f"yes: heads overlap less across needles than within one needle ({gap})"
-    return f"no: needles share their heads as much as one needle's own steps do ({gap})"
+        return f"yes: the heads change more when the copied needle switches than between steps of one needle ({gap})"
+    return f"no: a needle switch changes the heads no more than the next token of the same needle does ({gap})"
 
 
 def _nan_none(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
 
 
-def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.3f}"
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"

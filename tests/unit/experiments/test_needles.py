@@ -36,10 +36,9 @@ def test_jaccards_counts_and_verdict_on_hand_made_samples():
     stats = needle_head_stats(index, ids, 2, LABELS, "multivalue", {"a": [1, 0], "b": [1, 1], "c": [0, 0]})
     # whole run: needle_0 served by {H0, H1, H2}, needle_1 by {H1, H3} → J = 1/4
     assert stats.pooled_jaccard == [[1.0, 0.25], [0.25, 1.0]]
-    # within: J({H0,H1},{H0,H2}) = 1/3 and J({H1,H3},{H1}) = 1/2 → 5/12
-    # between: J({H0,H1},{H1}) = 1/2 and J({H1,H3},{H0,H2}) = 0 → 1/4
-    assert stats.within == pytest.approx(5 / 12) and stats.between == pytest.approx(1 / 4)
-    assert stats.n_eligible == 3 and stats.difference["mean_difference"] == pytest.approx(1 / 6)
+    # consecutive copying steps 0→1 and 2→3 stay on a needle: J = 1/3 and 1/2 → 5/12; 1→2 switches: J = 0
+    assert stats.within == pytest.approx(5 / 12) and stats.between == 0.0 and stats.lags == (1.0, 1.0)
+    assert stats.n_eligible == 3 and stats.difference["mean_difference"] == pytest.approx(5 / 12)
     assert stats.verdict.startswith("yes")
     assert stats.copy_events == [12, 9] and stats.steps_with_copy == [6, 6]
     assert stats.recall == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
@@ -49,12 +48,12 @@ def test_jaccards_counts_and_verdict_on_hand_made_samples():
 
 
 def test_same_heads_for_both_needles_is_no_and_too_few_samples_cannot_tell():
-    same = _sample({0: 0, 1: 0}, {0: 0, 1: 0}, {0: 1, 1: 1}, {0: 1, 1: 1})
-    one_needle = _sample({0: 0}, {0: 0}, {0: 1})  # needle_1 copied once only: not eligible
+    same = _sample({0: 0, 1: 0}, {0: 0, 1: 0}, {}, {0: 1, 1: 1, 2: 0})  # step 3: two heads on needle_1 win
+    one_needle = _sample({0: 0}, {0: 0, 1: 1})  # no switch: not eligible (step 1 is needle_0's by the tie)
     index = np.concatenate([same] * 3 + [one_needle])
-    ids = np.repeat(["a", "b", "c", "d"], [4, 4, 4, 3])
+    ids = np.repeat(["a", "b", "c", "d"], [4, 4, 4, 2])
     stats = needle_head_stats(index, ids, 2, LABELS)
-    assert stats.within == 1.0 and stats.between == 1.0 and stats.n_eligible == 3
+    assert stats.within == 1.0 and stats.between == 1.0 and stats.n_eligible == 3 and stats.lags == (1.0, 2.0)
     assert stats.verdict.startswith("no") and stats.recall == [None, None]
-    few = needle_head_stats(np.concatenate([same, one_needle]), np.repeat(["a", "d"], [4, 3]), 2, LABELS)
+    few = needle_head_stats(np.concatenate([same, one_needle]), np.repeat(["a", "d"], [4, 2]), 2, LABELS)
     assert few.n_eligible == 1 and few.difference is None and few.verdict.startswith("cannot tell")
