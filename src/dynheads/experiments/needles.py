@@ -16,8 +16,8 @@ labelled with its needle (the one most heads copy from; ties → lower index) an
 heads copying from that needle); over consecutive copying steps of one sample, the Jaccard where
 the needle *stays* the same is compared with the Jaccard where it *switches*. Samples with at least
 one pair of each kind count; the paired difference stay − switch over samples (bootstrap 95%
-interval, Wilcoxon) above zero → the model uses different heads for different needles; otherwise
-a needle switch changes the heads no more than the next copied token of the same needle does.
+interval above zero and Wilcoxon p < 0.05) → the model uses different heads for different needles;
+otherwise that is not shown (with fewer than 6 samples Wilcoxon cannot reach p < 0.05).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from dynheads.runs import RunDir
 from dynheads.scores.copy_paste import in_spans
 
 MIN_SAMPLES = 3  # below this many eligible samples the verdict is "cannot tell"
+ALPHA = 0.05  # "yes" needs the bootstrap interval above zero and Wilcoxon p below this
 PARTS = ("value", "needle")  # what of a needle counts as copying from it (see `run`)
 
 
@@ -186,9 +187,9 @@ def _verdict(diff: dict | None, n: int) -> str:
         return f"cannot tell ({n} eligible samples, need {MIN_SAMPLES})"
     gap = (f"stay − switch {diff['mean_difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}], "
            f"Wilcoxon p = {diff['p_value']:.3g}, n = {diff['n']}")
-    if diff["low"] > 0:
+    if diff["low"] > 0 and diff["p_value"] < ALPHA:
         return f"yes: the heads change more when the copied needle switches than between steps of one needle ({gap})"
-    return f"no: a needle switch changes the heads no more than the next token of the same needle does ({gap})"
+    return f"not shown: a needle switch did not change the heads clearly more than the next step of one needle ({gap})"
 
 
 def _nan_none(x: float) -> float | None:
