@@ -80,14 +80,15 @@ def register(app: typer.Typer) -> None:
     ):
         """Table 1 dynamism statistics and the Fig. 1 heatmap of a traced run."""
         from dynheads.experiments import dynamism as dyn
+        from dynheads.experiments import needles as ndl
         from dynheads.runs import RunDir
 
+        if needle_part not in ndl.PARTS:
+            raise ConfigError(f"unknown --needle-part '{needle_part}'; choose one of: {', '.join(ndl.PARTS)}")
         run = RunDir.open(run_dir)
         stats = dyn.run(run, dyn.DynamismConfig(static_top, empty_steps, per_sample, only_correct, static_file, sample))
         typer.echo(dyn.format_table(stats, Path(run.config["model"]["source"]).name + " (ours)"))
         typer.echo(f"figure: {run.figure_path('dynamism_heatmap')}")
-        from dynheads.experiments import needles as ndl
-
         if ndl.is_multi_needle(run.config):  # a `niah --num-needles N` run: heads per needle
             typer.echo(ndl.format_needles(ndl.run(run, only_correct, needle_part)))
             typer.echo(f"figure: {run.figure_path('needle_heads')}")

@@ -48,6 +48,14 @@ def needle_index(arrays: dict[str, np.ndarray], token_spans: dict, n_needles: in
     return out
 
 
+@dataclass(frozen=True)
+class NeedleConfig:
+    """The flags of a needle analysis (names its result file when off their defaults)."""
+
+    part: str = "value"  # what of a needle counts as copying from it: "value" or the whole "needle" sentence
+    only_correct: bool = False
+
+
 @dataclass
 class NeedleStats:
     """Per-needle head usage of a multi-needle run, and the between/within-needle Jaccard comparison."""
@@ -126,7 +134,7 @@ def run(run_dir: RunDir, only_correct: bool = False, part: str = "value", top: i
                             for sid, rec in records.by_sample().items()])
     stats = needle_head_stats(index, records.sample_ids, n, layout.labels(), cfg["task"]["mode"], found, top,
                               cfg.get("seed", 0), part)
-    run_dir.write_result("needles", asdict(stats))
+    run_dir.write_result("needles", asdict(stats), NeedleConfig(part, only_correct))
     fig = heads_by_needle(np.array(stats.counts), layout.labels(), title=f"{cfg['model']['source']}: copy steps "
                           f"per head and needle ({stats.mode}, {n} needles)")
     fig.savefig(run_dir.figure_path("needle_heads"), dpi=150, bbox_inches="tight")
