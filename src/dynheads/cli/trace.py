@@ -37,6 +37,9 @@ def register(app: typer.Typer) -> None:
         samples_per_cell: int = typer.Option(2, min=1, help="samples per (length, depth) cell"),
         haystack: Optional[str] = typer.Option(None, help="folder of .txt files (default: CPython docs prose)"),
         needles: Optional[str] = typer.Option(None, help="Retrieval_Head-style needle JSONL (default: UUID needle)"),
+        num_needles: int = typer.Option(1, help="needles per prompt (RULER-style multi-needle when ≥ 2)"),
+        mode: Optional[str] = typer.Option(None, help="with --num-needles ≥ 2: 'multikey' (default; one key asked, "
+                                           "the others distract) or 'multivalue' (all values of one key asked)"),
         max_new_tokens: int = typer.Option(48, min=1),
         topk: int = typer.Option(1, min=1, help="also record the top-k attended positions and weights"),
         seed: int = typer.Option(0),
@@ -46,10 +49,10 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False),
     ):
         """Trace a Needle-in-a-Haystack sweep: per-step retrieval heads of every generated token."""
-        from dynheads.tasks.niah import NiahConfig
+        from dynheads.tasks.multineedle import niah_config
 
-        cfg = NiahConfig(parse_ints(lengths, "lengths"), parse_floats(depths, "depths"), samples_per_cell,
-                         haystack, needles, seed)
+        cfg = niah_config(num_needles, mode, lengths=parse_ints(lengths, "lengths"), depths=parse_floats(depths, "depths"),
+                          samples_per_cell=samples_per_cell, haystack=haystack, needles=needles, seed=seed)
         check_niah(cfg, out)  # bad input fails before the heavy imports and the model
         from dynheads.experiments.trace import run_niah
         from dynheads.models import load_model
@@ -72,16 +75,48 @@ def register(app: typer.Typer) -> None:
         only_correct: bool = typer.Option(False, help="use only correctly answered samples"),
         static_file: Optional[str] = typer.Option(None, help="head_score JSON of a separate detection run"),
         sample: Optional[str] = typer.Option(None, help="sample id for the Fig. 1 heatmap"),
+        needle_part: str = typer.Option("value", help="multi-needle runs: count copies from each needle's 'value' "
+                                        "or its whole 'needle' sentence"),
     ):
         """Table 1 dynamism statistics and the Fig. 1 heatmap of a traced run."""
         from dynheads.experiments import dynamism as dyn
+        from dynheads.experiments import needles as ndl
         from dynheads.runs import RunDir
 
+        if needle_part not in ndl.PARTS:
+            raise ConfigError(f"unknown --needle-part '{needle_part}'; choose one of: {', '.join(ndl.PARTS)}")
         run = RunDir.open(run_dir)
         stats = dyn.run(run, dyn.DynamismConfig(static_top, empty_steps, per_sample, only_correct, static_file, sample))
         typer.echo(dyn.format_table(stats, Path(run.config["model"]["source"]).name + " (ours)"))
         typer.echo(f"figure: {run.figure_path('dynamism_heatmap')}")
+        if ndl.is_multi_needle(run.config):  # a `niah --num-needles N` run: heads per needle
+            typer.echo(ndl.format_needles(ndl.run(run, only_correct, needle_part)))
+            typer.echo(f"figure: {run.figure_path('needle_heads')}")
         typer.echo(str(run.path))
+
+    @app.command("export-heads")
+    def export_heads(
+        run_dir: Path = typer.Argument(..., help="a traced detection run folder"),
+        format: str = typer.Option("duo", help="'duo' (DuoAttention full_attention_heads.tsv) or 'retrieval_head' "
+                                   "(Wu et al.'s head_score JSON)"),
+        top: Optional[int] = typer.Option(None, help="duo: query heads taken from the top of the run's static ranking"),
+        out: Path = typer.Option(..., help="file to write; a folder also gets DuoAttention's config.json"),
+        sink: int = typer.Option(64, help="duo config.json sink_size (DuoAttention's deployment default)"),
+        recent: int = typer.Option(256, help="duo config.json recent_size (DuoAttention's deployment default)"),
+    ):
+        """Write a run's static head set for deployment (DuoAttention TSV) or its Wu et al. head scores."""
+        from dynheads.experiments.head_export import export_heads as export
+        from dynheads.runs import RunDir
+
+        summary = export(RunDir.open(run_dir), format, out, top, sink, recent)
+        if format == "duo":
+            typer.echo(f"top {top} query heads ({summary['n_zero_score']} never active): "
+                       f"{', '.join(summary['query_heads'])}")
+            typer.echo(f"full KV heads: {summary['full_kv_heads']} of {summary['total_kv_heads']} "
+                       f"(a KV head is full when any of its query heads is chosen)")
+        else:
+            typer.echo(f"head scores of {summary['n_samples']} correctly answered samples")
+        typer.echo(summary["path"])
 
 
 def check_niah(niah, out: Path | None = None) -> None:
@@ -100,6 +135,10 @@ def check_niah(niah, out: Path | None = None) -> None:
         load_haystack(niah.haystack)
     if niah.needles is not None:
         load_needles(niah.needles)
+    if getattr(niah, "num_needles", 1) > 1:
+        from dynheads.tasks.multineedle import check_multi_needle
+
+        check_multi_needle(niah)
     if out is not None:
         check_out(out)
 

@@ -185,9 +185,7 @@ def run(run_dir: RunDir, config: DynamismConfig = DynamismConfig()) -> DynamismS
     run_dir.write_result("dynamism", {
         "stats": asdict(stats), "config": asdict(config), "paper": PAPER_TABLE1,
         "frequency": dict(zip(layout.labels(), activation_frequency(active).reshape(-1)))}, config)
-    span = "answer" if "answer" in next(iter(results.values()))["token_spans"] else cfg["score"]["args"].get("span", "needle")
-    lengths = {sid: sum(e - s for s, e in r["token_spans"].get(span, [])) for sid, r in results.items()}
-    head_scores = wu_sample_scores(active, records.sample_ids, lengths, correct)
+    head_scores = _wu_scores(cfg, results, records.sample_ids, active)
     for name in dict.fromkeys(("head_scores", result_name("head_scores", config))):  # latest, and named by flags
         save_head_scores(run_dir.path / "results" / f"{name}.json", layout, head_scores)
     sid = config.heatmap_sample or _heatmap_sample(active, records, correct)
@@ -199,6 +197,16 @@ def run(run_dir: RunDir, config: DynamismConfig = DynamismConfig()) -> DynamismS
                            results[sid]["tokens"], title=f"{cfg['model']['source']} — {sid}")
     _save(fig, run_dir.figure_path("dynamism_heatmap"))
     return stats
+
+
+def run_head_scores(run_dir: RunDir) -> dict[str, np.ndarray]:
+    """Wu et al.'s per-sample head scores of a run's correct samples (what results/head_scores.json holds)."""
+    from dynheads.scores.base import get_score
+
+    records = run_dir.read_records()
+    results = {r["id"]: r for r in run_dir.sample_results()}
+    active = get_score(run_dir.config["score"]["name"]).active(records.array("score"))
+    return _wu_scores(run_dir.config, results, records.sample_ids, active)
 
 
 def format_table(stats: DynamismStats, model_name: str) -> str:
@@ -214,6 +222,14 @@ def format_table(stats: DynamismStats, model_name: str) -> str:
     lines.append(f"ln {int(round(math.exp(stats.ln_static_top)))} = {stats.ln_static_top:.4f}; "
                  f"{stats.n_samples} samples, {stats.n_steps} steps ({stats.n_steps_without_heads} with no active head)")
     return "\n".join(lines)
+
+
+def _wu_scores(cfg: dict, results: dict[str, dict], sample_ids: np.ndarray, active: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample Wu scores over the answer span (else the score's span) of the correctly answered samples."""
+    correct = {sid: r.get("accuracy", r.get("em", 0.0)) >= 1.0 for sid, r in results.items()}
+    span = "answer" if "answer" in next(iter(results.values()))["token_spans"] else cfg["score"]["args"].get("span", "needle")
+    lengths = {sid: sum(e - s for s, e in r["token_spans"].get(span, [])) for sid, r in results.items()}
+    return wu_sample_scores(active, sample_ids, lengths, correct)
 
 
 def _heatmap_sample(active: np.ndarray, records: Records, correct: dict[str, bool]) -> str:

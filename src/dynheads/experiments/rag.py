@@ -190,6 +190,10 @@ def load_ranking(path: str | None, layout: HeadLayout, question_ids: set[str]) -
     if path is None:
         raise ConfigError("strategy 'static' needs --static-ranking (a head_scores JSON or a multihop run folder)")
     p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".tsv":  # DuoAttention full_attention_heads.tsv
+        from dynheads.experiments.head_export import ranking_from_duo_tsv
+
+        return ranking_from_duo_tsv(p, layout), {"kind": "duo_tsv", "path": str(p)}
     if p.is_file():
         from dynheads.experiments.static_ranking import ranking_from_head_scores
 

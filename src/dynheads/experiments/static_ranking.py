@@ -40,7 +40,12 @@ def load_static_ranking(path: str | None, lm: LoadedModel, niah: NiahConfig, sam
     if p.is_dir():
         return ranking_from_run(RunDir.open(p), lm.layout, niah, sample_ids)
     if not p.is_file():
-        raise ConfigError(f"static ranking {p} does not exist (give a head_score JSON or a traced run folder)")
+        raise ConfigError(f"static ranking {p} does not exist (give a head_score JSON, a DuoAttention .tsv "
+                          "or a traced run folder)")
+    if p.suffix.lower() == ".tsv":  # DuoAttention full_attention_heads.tsv (experiments/head_export.py)
+        from dynheads.experiments.head_export import ranking_from_duo_tsv
+
+        return ranking_from_duo_tsv(p, lm.layout), {"kind": "duo_tsv", "path": str(p)}
     return ranking_from_head_scores(p, lm.layout), {"kind": "head_scores", "path": str(p)}
 
 

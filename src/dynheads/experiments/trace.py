@@ -26,7 +26,9 @@ def run_niah(lm: LoadedModel, niah: NiahConfig, out: str | Path, trace: TraceCon
              quiet: bool = False) -> RunDir:
     """Trace a NIAH grid into `out` (resuming finished samples) with the Eq. 1 copy-paste score."""
     score = get_score("copy_paste")
-    trace = replace(trace, mass_spans=tuple(dict.fromkeys(trace.mass_spans + ("needle",))))
+    n_needles = getattr(niah, "num_needles", 1)  # MultiNiahConfig (tasks/multineedle.py): one span per needle
+    each = tuple(f"needle_{i}" for i in range(n_needles)) if n_needles > 1 else ()
+    trace = replace(trace, mass_spans=tuple(dict.fromkeys(trace.mass_spans + ("needle",) + each)))
     niah, inputs = niah_inputs(niah)
     check_prompt_budget(niah.lengths, trace.max_new_tokens, lm.max_positions)
     samples = first_checked(niah_samples(lm.tokenizer, niah, lm.max_positions))  # bad input: before the folder
@@ -35,7 +37,17 @@ def run_niah(lm: LoadedModel, niah: NiahConfig, out: str | Path, trace: TraceCon
     run = RunDir.create(out, config)
     tracer = Tracer(lm, trace)
     total = len(niah.lengths) * len(niah.depths) * niah.samples_per_cell
-    run_samples(run, samples, lambda enc: trace_sample(tracer, enc, score, score_response), total, quiet)
+
+    def work(enc):
+        arrays, result = trace_sample(tracer, enc, score, score_response)
+        if each:  # which needle each head copies from, per step (experiments/needles.py)
+            from dynheads.experiments.needles import needle_index
+
+            arrays["needle_index"] = (needle_index(arrays, enc.token_spans, n_needles) if len(arrays["token_id"])
+                                      else np.zeros((0,) + lm.layout.shape, np.int8))
+        return arrays, result
+
+    run_samples(run, samples, work, total, quiet)
     return run
 
 

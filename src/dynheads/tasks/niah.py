@@ -13,7 +13,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dynheads.errors import ConfigError, DataError
 from dynheads.tasks.base import EncodedSample, PromptFormat, Sample, encode, task
@@ -70,6 +70,11 @@ def niah_samples(tokenizer, config: NiahConfig, max_positions: int | None = None
     haystack = load_haystack(config.haystack)
     needle_file = load_needles(config.needles) if config.needles else None
     hay_ids = _HaystackTokens(tokenizer, haystack, max(config.lengths))
+    if getattr(config, "num_needles", 1) > 1:  # RULER-style multi-needle grid (tasks/multineedle.py)
+        from dynheads.tasks.multineedle import multi_needle_samples
+
+        yield from multi_needle_samples(tokenizer, config, hay_ids, needle_file)
+        return
     for length in config.lengths:
         for depth in config.depths:
             for rep in range(config.samples_per_cell):
@@ -86,35 +91,48 @@ def niah_samples(tokenizer, config: NiahConfig, max_positions: int | None = None
 def build_sample(tokenizer, hay: "_HaystackTokens", needle: Needle, length: int, depth: float,
                  sample_id: str) -> EncodedSample:
     """Cut the haystack so the whole prompt has `length` tokens and insert the needle at `depth`%."""
-    budget = length - _overhead(tokenizer, needle)
-    for _ in range(4):  # re-tokenisation at the seams can shift the count by a few tokens
-        if budget <= 0:
-            raise ConfigError(f"context length {length} is too short for the prompt and needle")
-        context, needle_at = insert_needle(hay.prefix(budget), needle.text, depth)
+
+    def make(haystack: str) -> Sample:
+        context, needle_at = insert_needle(haystack, needle.text, depth)
         answer_at = needle_at + needle.answer_offset
-        sample = Sample(
+        return Sample(
             id=sample_id, context=context, question=needle.question, answer=needle.answer,
             spans={"needle": [(needle_at, needle_at + len(needle.text))],
                    "answer": [(answer_at, answer_at + len(needle.answer))]},
             prompt=NIAH_PROMPT,
             metadata={"length": length, "depth": depth, "needle": needle.text},
         )
-        encoded = encode(sample, tokenizer)
+
+    return fit_length(tokenizer, hay, length, _overhead(tokenizer, needle.text, needle.question), make)
+
+
+def fit_length(tokenizer, hay: "_HaystackTokens", length: int, overhead: int,
+               make: Callable[[str], Sample], search: int = 0) -> EncodedSample:
+    """Encode `make(haystack prefix)` with the prefix sized so the whole prompt has `length` tokens.
+
+    When four corrections do not land on `length` (a longer prefix can move a needle to a later
+    sentence end), `search` > 0 tries the prefixes within ±search tokens: an exact one, else the
+    longest prompt below `length`. The count reached is stored as metadata["prompt_tokens"].
+    """
+    budget = length - overhead
+    for _ in range(4):  # re-tokenisation at the seams can shift the count by a few tokens
+        if budget <= 0:
+            raise ConfigError(f"context length {length} is too short for the prompt and needle")
+        encoded = encode(make(hay.prefix(budget)), tokenizer)
         if encoded.prompt_len == length:
             break
         budget += length - encoded.prompt_len
+    if encoded.prompt_len != length and search:
+        near = [encode(make(hay.prefix(b)), tokenizer) for b in range(max(budget - search, 1), budget + search + 1)]
+        fits = sorted((e for e in near if e.prompt_len <= length), key=lambda e: e.prompt_len)
+        encoded = fits[-1] if fits else encoded
     encoded.sample.metadata["prompt_tokens"] = encoded.prompt_len
     return encoded
 
 
 def insert_needle(text: str, needle: str, depth: float) -> tuple[str, int]:
     """Insert `needle` at `depth`% of `text`, moved back to the nearest sentence end; returns (text, start)."""
-    target = round(len(text) * depth / 100)
-    at = 0
-    for m in _SENTENCE_END.finditer(text):
-        if m.end() > target:
-            break
-        at = m.end()
+    at = sentence_start(text, depth)
     before, after = text[:at], text[at:]
     sep_before = "" if not before or before[-1].isspace() else " "
     sep_after = "" if not after or after[0].isspace() else " "
@@ -122,8 +140,23 @@ def insert_needle(text: str, needle: str, depth: float) -> tuple[str, int]:
     return before + sep_before + needle + sep_after + after, start
 
 
+def sentence_start(text: str, depth: float) -> int:
+    """Character offset of `depth`% of `text`, moved back to the last sentence end before it (0 if none)."""
+    target = round(len(text) * depth / 100)
+    at = 0
+    for m in _SENTENCE_END.finditer(text):
+        if m.end() > target:
+            break
+        at = m.end()
+    return at
+
+
 def score_response(response: str, sample: Sample) -> dict[str, float]:
     """NIAH metrics: accuracy (the full answer appears) and ROUGE-L against the answer."""
+    if "queried" in sample.metadata:  # a multi-needle sample: per-needle recall (tasks/multineedle.py)
+        from dynheads.tasks.multineedle import score_multi_response
+
+        return score_multi_response(response, sample)
     return {"accuracy": contains_accuracy(response, sample.answer), "rouge_l": rouge_l(response, sample.answer)}
 
 
@@ -200,9 +233,9 @@ class _HaystackTokens:
         return self.text[: self.offsets[n - 1][1]]
 
 
-def _overhead(tokenizer, needle: Needle) -> int:
-    """Tokens of the prompt without haystack: template, question and needle."""
-    s = Sample("probe", needle.text, needle.question, needle.answer, {}, NIAH_PROMPT)
+def _overhead(tokenizer, needle_text: str, question: str) -> int:
+    """Tokens of the prompt without haystack: template, question and needle text."""
+    s = Sample("probe", needle_text, question, "", {}, NIAH_PROMPT)
     return encode(s, tokenizer).prompt_len
 
 
