@@ -21,8 +21,12 @@ def register(app: typer.Typer) -> None:
         samples_per_cell: int = typer.Option(3, min=1, help="samples per (length, depth) cell"),
         static_ranking: Optional[str] = typer.Option(None, help=_RANKING),
         method: str = typer.Option("zero", help="ablation method: zero | uniform (Wu et al.'s mean-value)"),
-        match: str = typer.Option("average", help="baseline head count: average (mean |D_t| of the sample's dynamic "
-                                  "condition) | unmasked (mean |D_t| of its unmasked run) | step (each step's |D_t|)"),
+        match: str = typer.Option("average", help="baseline head count: average (mean heads the dynamic condition "
+                                  "masked per step) | unmasked (mean |D_t| of the unmasked runs) | step (each step's "
+                                  "|D_t|); average/unmasked: rounded half up, at least 1 if any head was counted"),
+        match_scope: str = typer.Option("run", help="average over: run (every step of every sample, as the paper; "
+                                        "a first pass into <out>/first_pass, one extra prefill per sample) | sample "
+                                        "(each sample's own steps; one pass)"),
         random_per_step: bool = typer.Option(False, help="redraw the random heads at every step"),
         haystack: Optional[str] = typer.Option(None, help="folder of .txt files (default: CPython docs prose)"),
         max_new_tokens: int = typer.Option(48, min=1),
@@ -45,7 +49,7 @@ def register(app: typer.Typer) -> None:
         from dynheads.report.ablation_figures import ablation_table
         from dynheads.tracing.tracer import TraceConfig
 
-        config = abl.AblationConfig(method=method, match=match, random_per_step=random_per_step,
+        config = abl.AblationConfig(method=method, match=match, match_scope=match_scope, random_per_step=random_per_step,
                                     static_ranking=static_ranking, n_boot=n_boot, seed=seed)
         lm = load_model(model, dtype=dtype, device=device)
         run, result = abl.run_ablation(lm, niah, out, config, TraceConfig(max_new_tokens=max_new_tokens), quiet)

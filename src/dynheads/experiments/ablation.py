@@ -5,10 +5,17 @@ the tracer runs the clean pass, a selector picks heads from it (selectors.py), a
 recomputed with those heads masked. Choices where the paper is silent (AblationConfig fields,
 reported in the README):
 - masking: `zero` (head output removed before the output projection); `uniform` = Wu et al.'s code.
-- count matching: `average` (default) = round(mean |D_t|) over the steps of the *same sample's*
-  dynamic condition, fixed for all its steps; `unmasked` = the same over its unmasked run (masking
-  D_t derails retrieval, after which D_t is empty, so `average` is the smaller count); `step` =
-  |D_t| of each step of the baseline's own run.
+- count matching (`match`, `match_scope`): `average` (default) = the mean number of heads the dynamic
+  condition masked per step, pooled over every step of every sample of the run (the paper: "averaged
+  over the run"), rounded half up and at least 1 when the dynamic condition masked any head, fixed for
+  every step of every baseline; `unmasked` = the same over the unmasked runs' |D_t| (masking D_t
+  derails retrieval, after which D_t is empty, so `average` is the smaller count); `step` = |D_t| of
+  each step of the baseline's own run. The run-level count needs every sample's dynamic condition
+  before any baseline runs, so `match_scope="run"` makes two passes: the first runs `none` and
+  `dynamic` on every sample into <out>/first_pass (resumable; the count is computed from what is
+  stored there, so a resumed run gets the same count), the second prefills each sample again and runs
+  the baselines (one extra prefill per sample). `match_scope="sample"` matches each sample's own mean
+  in one pass (one prefill per sample; counts then differ between samples).
 - random heads: one permutation per sample (Wu et al. draw per cell), seeded from (seed, sample id).
 - static ranking: a separate detection run (never these samples); without one, a detection pass
   on the same grid with seed + 1 (fresh UUID needles), one sample per cell, in <out>/detection.
@@ -27,15 +34,16 @@ import numpy as np
 
 from dynheads.config import run_config
 from dynheads.errors import ConfigError
-from dynheads.experiments.dynamism import top_heads
+from dynheads.experiments.dynamism import static_cap_note, top_heads
 from dynheads.experiments.static_ranking import load_static_ranking
 from dynheads.experiments.stats import bootstrap_ci, paired_difference
 from dynheads.experiments.trace import check_prompt_budget, niah_inputs
 from dynheads.interventions.methods import ablations
 from dynheads.interventions.selectors import build, make_intervention
 from dynheads.models import LoadedModel
-from dynheads.runs import RunDir
-from dynheads.scores.copy_paste import copy_paste_score
+from dynheads.records import load_sample_records
+from dynheads.runs import RunDir, safe_name
+from dynheads.scores.copy_paste import copy_paste_active
 from dynheads.tasks.base import EncodedSample
 from dynheads.tasks.niah import NiahConfig, niah_samples, score_response
 from dynheads.tracing.runner import run_samples
@@ -52,11 +60,10 @@ COMPARISONS = (("dynamic", "none"), ("dynamic", "static"), ("dynamic", "random")
 METRICS = ("accuracy", "rouge_l")
 _KEEP = ("token_id", "clean_token_id", "token_logprob", "ablated", "top1_pos", "top1_token",
          "masked_top1_pos", "masked_top1_token")
-# How many heads a baseline masks, from per-step counts of the sample's dynamic-condition masks
-# ("dynamic") and of D_t in its unmasked run ("none"); None = each step's own |D_t|.
-MATCH = {"average": lambda counts: _round_mean(counts["dynamic"]),
-         "unmasked": lambda counts: _round_mean(counts["none"]),
-         "step": lambda counts: None}
+# How many heads a baseline masks: the per-step counts it is matched to (condition, result field), or
+# None = each step's own |D_t|.
+MATCH = {"average": ("dynamic", "heads_masked"), "unmasked": ("none", "dynamic"), "step": None}
+MATCH_SCOPES = ("run", "sample")
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class AblationConfig:
 
     method: str = "zero"  # ablation method (paper silent): zero | uniform
     match: str = "average"  # baseline head count: average | unmasked | step (paper: "average"; see above)
+    match_scope: str = "run"  # mean over the run (paper; two passes) | sample (each sample's own; one pass)
     random_per_step: bool = False  # random heads: fixed per sample (default) or redrawn each step
     span: str = "needle"  # Eq. 1's I_needle
     static_ranking: str | None = None  # head_score JSON or detection run folder; None = detection pass
@@ -80,17 +88,70 @@ class AblationConfig:
             raise ConfigError(f"unknown --match '{self.match}'; choose one of: {', '.join(MATCH)}")
         if self.static_top < 1 or self.n_boot < 1:
             raise ConfigError("--static-top and --n-boot must be at least 1")
+        if self.match_scope not in MATCH_SCOPES:
+            raise ConfigError(f"unknown --match-scope '{self.match_scope}'; choose one of: {', '.join(MATCH_SCOPES)}")
+
+    @property
+    def two_pass(self) -> bool:
+        """Whether the baseline count needs the whole run's first pass (run-level matching)."""
+        return MATCH[self.match] is not None and self.match_scope == "run"
 
 
-def ablate_sample(tracer: Tracer, encoded: EncodedSample, ranking: np.ndarray,
-                  config: AblationConfig) -> tuple[dict, dict]:
-    """One prefill, then the conditions none, dynamic, static, static-excluding-dynamic, random."""
+def matched_heads(counts: list[list[int]]) -> int:
+    """The baselines' fixed head count from per-step counts (one list per sample).
+
+    Mean over all steps pooled, rounded half up; at least 1 when any step counted a head, so a
+    baseline never silently equals the unmasked run while the dynamic condition masked something.
+    0 only when no step counted any head.
+    """
+    steps = [int(c) for sample in counts for c in sample]
+    if not any(steps):
+        return 0
+    return max(1, int(np.floor(np.mean(steps) + 0.5)))
+
+
+def matching_summary(counts: list[list[int]], config: AblationConfig) -> dict:
+    """How the baseline count was matched, for results/ablation.json and the printed table."""
+    if MATCH[config.match] is None:
+        return {"match": "step", "rule": "each step masks as many heads as its own |D_t|"}
+    cond, field_name = MATCH[config.match]
+    steps = [c for sample in counts for c in sample]
+    mean = float(np.mean(steps)) if steps else 0.0
+    scope = "all samples of the run (first pass)" if config.match_scope == "run" else "each sample separately"
+    return {"match": config.match, "scope": config.match_scope, "condition": cond, "field": field_name,
+            "mean_per_step": mean, "n_steps": len(steps), "n_samples": len(counts),
+            "heads": matched_heads(counts) if config.match_scope == "run" else None,
+            "rule": f"mean {field_name.replace('_', ' ')} per step of the '{cond}' condition over {scope}, "
+                    "rounded half up, at least 1 where that condition counted any head"}
+
+
+def first_pass_sample(tracer: Tracer, encoded: EncodedSample, config: AblationConfig) -> tuple[dict, dict]:
+    """One prefill, then the conditions none and dynamic (run-level matching's first pass)."""
     state = tracer.prefill(encoded.input_ids, encoded.token_spans)
-    rng = sample_rng(config.seed, encoded.sample.id)
     arrays, results = _run_condition(tracer, state, encoded, "none", None, config)
     dyn, dyn_result = _run_condition(tracer, state, encoded, "dynamic", build("dynamic"), config)
     arrays.update(dyn), results.update(dyn_result)
-    n = MATCH[config.match]({c: results[c]["dynamic" if c == "none" else "heads_masked"] for c in ("none", "dynamic")})
+    return arrays, {"conditions": results}
+
+
+def ablate_sample(tracer: Tracer, encoded: EncodedSample, ranking: np.ndarray, config: AblationConfig,
+                  matched: int | None = None, first: tuple[dict, dict] | None = None) -> tuple[dict, dict]:
+    """One prefill, then the conditions none, dynamic, static, static-excluding-dynamic, random.
+
+    matched: the run-level baseline count (required when `config.two_pass`); first: this sample's
+    `first_pass_sample` output, reused instead of running none and dynamic again.
+    """
+    if config.two_pass and matched is None:
+        raise ValueError("run-level matching needs the count from the run's first pass (matched=...)")
+    state = tracer.prefill(encoded.input_ids, encoded.token_spans)
+    rng = sample_rng(config.seed, encoded.sample.id)
+    if first is None:
+        arrays, results = _run_condition(tracer, state, encoded, "none", None, config)
+        dyn, dyn_result = _run_condition(tracer, state, encoded, "dynamic", build("dynamic"), config)
+        arrays.update(dyn), results.update(dyn_result)
+    else:
+        arrays, results = dict(first[0]), dict(first[1]["conditions"])
+    n = matched if config.two_pass else _sample_count(results, config)
     for name in BASELINES:
         select = build(name, ranking=ranking, n=n, rng=rng, per_step=config.random_per_step)
         more, more_result = _run_condition(tracer, state, encoded, name, select, config)
@@ -123,9 +184,9 @@ def compensated_heads(arrays: dict[str, np.ndarray], token_spans: dict, span: st
     """
     if not len(arrays["token_id"]):
         return np.zeros((0,) + arrays["ablated"].shape[1:], bool)
-    before = copy_paste_score(arrays, token_spans, span=span, generated_key="clean_token_id") >= 1
-    after = copy_paste_score(arrays, token_spans, span=span, pos_key="masked_top1_pos",
-                             token_key="masked_top1_token", generated_key="token_id") >= 1
+    before = copy_paste_active(arrays, token_spans, span=span, generated_key="clean_token_id")
+    after = copy_paste_active(arrays, token_spans, span=span, pos_key="masked_top1_pos",
+                              token_key="masked_top1_token", generated_key="token_id")
     out = after & ~before
     return out & ~arrays["ablated"] if exclude_ablated else out
 
@@ -176,14 +237,13 @@ def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: Abl
     run = RunDir.create(out, run_config("ablation", lm, niah.seed, task=niah, trace=trace, ablation=config,
                                         inputs=inputs))
     ranking, source = given or load_ranking()  # default: a detection pass inside the run folder
-    tracer = Tracer(lm, trace)
-    run_samples(run, samples, lambda enc: ablate_sample(tracer, enc, ranking, config), len(samples), quiet)
+    matching = ablate_samples(run, Tracer(lm, trace), samples, ranking, config, quiet)
     rows = run.sample_results()
     per_sample = {c: _metric_arrays(rows, c) for c in CONDITIONS}
     result = summarise(per_sample, sample_rng(config.seed, "ablation-stats"), config.n_boot)
     lengths, depths = np.array([r["length"] for r in rows]), np.array([float(r["depth"]) for r in rows])
     grids = {c: cell_means(lengths, depths, per_sample[c]["accuracy"]) for c in CONDITIONS}
-    result.update(n_samples=len(rows), static_ranking=source, paper=PAPER_FIG2,
+    result.update(n_samples=len(rows), static_ranking=source, paper=PAPER_FIG2, matching=matching,
                   matched_heads_mean=None if config.match == "step"
                   else float(np.mean([r["matched_heads"] for r in rows])),
                   cells={"lengths": grids["none"][0], "depths": grids["none"][1],
@@ -195,6 +255,30 @@ def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: Abl
                                    title=f"{lm.source}: NIAH accuracy with heads masked per step ({config.method})"),
                  run.figure_path("ablation_heatmaps"))
     return run, result
+
+
+def ablate_samples(run: RunDir, tracer: Tracer, samples: list[EncodedSample], ranking: np.ndarray,
+                   config: AblationConfig, quiet: bool = False) -> dict:
+    """Every condition of every sample into `run` (resumable); returns `matching_summary`.
+
+    Run-level matching first runs none and dynamic on every sample into <run>/first_pass, then derives
+    the count from what is stored there (so a resumed run uses the same count) and runs the baselines.
+    """
+    if not config.two_pass:
+        run_samples(run, samples, lambda enc: ablate_sample(tracer, enc, ranking, config), len(samples), quiet)
+        return matching_summary([_match_counts(r["conditions"], config) for r in run.sample_results()]
+                                if MATCH[config.match] else [], config)
+    first = RunDir.create(run.path / "first_pass", {**run.config, "kind": "ablation-first-pass"})
+    run_samples(first, samples, lambda enc: first_pass_sample(tracer, enc, config), len(samples), quiet)
+    stored = {r["id"]: r for r in first.sample_results()}
+    matching = matching_summary([_match_counts(stored[e.sample.id]["conditions"], config) for e in samples], config)
+
+    def work(enc: EncodedSample) -> tuple[dict, dict]:
+        arrays = load_sample_records(first.path / "records" / f"{safe_name(enc.sample.id)}.npz")
+        return ablate_sample(tracer, enc, ranking, config, matching["heads"], (arrays, stored[enc.sample.id]))
+
+    run_samples(run, samples, work, len(samples), quiet)
+    return matching
 
 
 def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out: str | Path,
@@ -222,7 +306,9 @@ def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out:
     per_k = {f"k{k}": _metric_arrays(rows, f"k{k}") for k in ks}
     result = summarise(per_k, sample_rng(config.seed, "progressive-stats"), config.n_boot, comparisons=())
     result.update(ks=list(ks), n_samples=len(rows), static_ranking=source, paper=PAPER_FIG3,
-                  static_heads=[lm.layout.label(*divmod(int(i), lm.layout.n_heads)) for i in np.flatnonzero(static)])
+                  static_heads=[lm.layout.label(*divmod(int(i), lm.layout.n_heads)) for i in np.flatnonzero(static)],
+                  static_top_requested=config.static_top,
+                  static_note=static_cap_note(int(static.sum()), config.static_top))
     run.write_result("ablation_progressive", result)
     conds = result["conditions"]
     _save_figure(progressive_curve(list(ks), [conds[f"k{k}"]["accuracy"] for k in ks],
@@ -272,7 +358,7 @@ def _condition_outputs(tracer: Tracer, trace: Trace, encoded: EncodedSample, spa
         dynamic = np.zeros(shape, bool)
     else:
         key = "clean_token_id" if "clean_token_id" in arrays else "token_id"
-        dynamic = copy_paste_score(arrays, encoded.token_spans, span=span, generated_key=key) >= 1
+        dynamic = copy_paste_active(arrays, encoded.token_spans, span=span, generated_key=key)
     response = tracer.lm.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
     per_step = lambda m: [int(x) for x in m.reshape(len(m), -1).sum(1)] if len(m) else []  # noqa: E731
     return arrays, {"response": response, "n_steps": len(trace.token_ids), **score_response(response, encoded.sample),
@@ -280,9 +366,15 @@ def _condition_outputs(tracer: Tracer, trace: Trace, encoded: EncodedSample, spa
                     "overlap": per_step(arrays["ablated"] & dynamic)}
 
 
-def _round_mean(counts: list[int]) -> int:
-    """Mean per-step count rounded half up (0 for an empty generation)."""
-    return int(np.floor(np.mean(counts) + 0.5)) if len(counts) else 0
+def _match_counts(conditions: dict, config: AblationConfig) -> list[int]:
+    """The per-step counts a baseline is matched to, from one sample's none/dynamic results."""
+    cond, field_name = MATCH[config.match]
+    return list(conditions[cond][field_name])
+
+
+def _sample_count(results: dict, config: AblationConfig) -> int | None:
+    """Per-sample matching (match_scope="sample"), or None for --match step."""
+    return matched_heads([_match_counts(results, config)]) if MATCH[config.match] else None
 
 
 def _nan_to_none(grid: np.ndarray) -> list:

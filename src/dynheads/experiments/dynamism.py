@@ -62,6 +62,7 @@ class DynamismStats:
     ln_static_top: float
     effective_heads: float
     static_heads: list[str] = field(default_factory=list)
+    static_requested: int = 0  # the k of "top-k"; len(static_heads) < k when fewer heads ever scored
 
 
 def activation_frequency(active: np.ndarray) -> np.ndarray:
@@ -70,9 +71,15 @@ def activation_frequency(active: np.ndarray) -> np.ndarray:
 
 
 def top_heads(score: np.ndarray, k: int) -> np.ndarray:
-    """Boolean [L, H] mask of the k highest-scoring heads (ties broken by flat index)."""
+    """Boolean [L, H] mask of the k highest-scoring heads (ties broken by flat index).
+
+    Only heads with a positive score qualify: when fewer than k heads ever scored (a small model's
+    frequency ranking), the set is capped at those, never padded with idle heads (callers report
+    `int(mask.sum())` beside the k they asked for).
+    """
     flat = score.reshape(-1)
     order = np.lexsort((np.arange(flat.size), -flat))[:k]
+    order = order[flat[order] > 0]
     mask = np.zeros(flat.size, bool)
     mask[order] = True
     return mask.reshape(score.shape)
@@ -109,6 +116,7 @@ def dynamism_stats(active: np.ndarray, sample_ids: np.ndarray, static: np.ndarra
         jaccard_static=_average(j_static, config.per_sample), adjacent_jaccard=_average(j_adj, config.per_sample),
         entropy=entropy, ln_static_top=math.log(max(int(static.sum()), 1)), effective_heads=math.exp(entropy),
         static_heads=[flat_labels[i] for i in np.flatnonzero(static.reshape(-1))],
+        static_requested=config.static_top,
     )
 
 
@@ -221,7 +229,16 @@ def format_table(stats: DynamismStats, model_name: str) -> str:
                       for m, mu, sd, ev, tot, js, ja, en in rows]
     lines.append(f"ln {int(round(math.exp(stats.ln_static_top)))} = {stats.ln_static_top:.4f}; "
                  f"{stats.n_samples} samples, {stats.n_steps} steps ({stats.n_steps_without_heads} with no active head)")
-    return "\n".join(lines)
+    note = static_cap_note(len(stats.static_heads), stats.static_requested)
+    return "\n".join(lines + ([note] if note else []))
+
+
+def static_cap_note(n_static: int, requested: int) -> str:
+    """One line when the static top-k had to be capped at the heads that ever scored ('' otherwise)."""
+    if n_static >= requested:
+        return ""
+    return (f"note: only {n_static} heads have a positive static score, so the static set is capped at "
+            f"{n_static} (asked for top-{requested}; idle heads are never added)")
 
 
 def _wu_scores(cfg: dict, results: dict[str, dict], sample_ids: np.ndarray, active: np.ndarray) -> dict[str, np.ndarray]:

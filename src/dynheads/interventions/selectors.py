@@ -23,7 +23,7 @@ import numpy as np
 
 from dynheads.errors import ConfigError
 from dynheads.registry import Registry
-from dynheads.scores.copy_paste import copy_paste_score
+from dynheads.scores.copy_paste import copy_paste_active
 
 if TYPE_CHECKING:  # annotations only: `dynheads list selectors` needs no torch
     from dynheads.tracing.tracer import Intervention, StepView
@@ -107,7 +107,7 @@ def dynamic_set(view: StepView, token_spans: dict, span: str = "needle") -> np.n
     """bool [L, H]: Eq. 1 on one step's clean pass (top-1 in the needle and equal to its token)."""
     arrays = {"top1_pos": view.arrays["top1_pos"][None], "top1_token": view.arrays["top1_token"][None],
               "token_id": np.array([view.token_id])}
-    return copy_paste_score(arrays, token_spans, span=span)[0] >= 1.0
+    return copy_paste_active(arrays, token_spans, span=span)[0]
 
 
 def make_intervention(select: Selector, token_spans: dict, input_ids, span: str = "needle") -> Intervention:

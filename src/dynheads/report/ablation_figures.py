@@ -85,6 +85,13 @@ def ablation_table(result: dict) -> str:
     lines.append(f"ours: {result['n_samples']} samples; baselines mask {_num(conds['static']['heads_masked_per_step'])} "
                  f"heads per step, the dynamic condition {_num(conds['dynamic']['heads_masked_per_step'])} "
                  f"(|D_t| unmasked: {_num(conds['none']['dynamic_per_step'])})")
+    match = result.get("matching", {})
+    if match.get("mean_per_step") is not None:
+        heads = "per sample" if match["heads"] is None else f"{match['heads']} heads per step"
+        lines.append(f"count matching: {heads} = {match['rule']} (mean {match['mean_per_step']:.2f} over "
+                     f"{match['n_steps']} steps of {match['n_samples']} samples)")
+    elif match:
+        lines.append(f"count matching: {match['rule']}")
     return "\n".join(lines + [result["paper"]])
 
 
@@ -97,6 +104,7 @@ def progressive_table(result: dict) -> str:
                      f"{_num(m['heads_masked_per_step']):>13}")
     lines.append(f"ours: {result['n_samples']} samples; m_s = max over steps of |E_t ∩ static top set|, "
                  "mean over samples")
+    lines += [result["static_note"]] if result.get("static_note") else []
     return "\n".join(lines + [result["paper"]])
 
 

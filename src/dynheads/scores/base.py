@@ -3,7 +3,9 @@
 A score takes the stacked record arrays of one sample (`[T, layers, heads]` each, plus
 `token_id` [T]) and the sample's token spans, and returns float32 `[T, layers, heads]`. It names
 the record arrays it needs, so the tracer is configured to compute only those, and the threshold
-above which a head counts as *active* (in the step's dynamic set).
+a head's score must *exceed* (strictly, the paper's word) to count as active (in the step's dynamic
+set). Every consumer (dynamism, ablation, probes, static rankings) uses `HeadScore.active`, so the
+comparison and the threshold are defined once, here and in the score's registration.
 """
 from __future__ import annotations
 
@@ -31,15 +33,15 @@ class HeadScore:
         return self.fn(arrays, token_spans, **args)
 
     def active(self, scores: np.ndarray) -> np.ndarray:
-        """Boolean dynamic sets: heads whose score reaches the threshold."""
-        return scores >= self.threshold
+        """Boolean dynamic sets: heads whose score exceeds the threshold (strict >)."""
+        return np.asarray(scores) > self.threshold
 
 
 head_scores: Registry[HeadScore] = Registry("head score")
 
 
-def head_score(name: str, needs: tuple[str, ...], mass_spans: tuple[str, ...] = (), threshold: float = 1.0):
-    """Register `fn(arrays, token_spans, **args) -> float32 [T, L, H]` as a head score."""
+def head_score(name: str, needs: tuple[str, ...], threshold: float, mass_spans: tuple[str, ...] = ()):
+    """Register `fn(arrays, token_spans, **args) -> float32 [T, L, H]`; active where score > threshold."""
 
     def deco(fn: ScoreFn) -> ScoreFn:
         head_scores.register(name)(HeadScore(name, fn, needs, mass_spans, threshold))

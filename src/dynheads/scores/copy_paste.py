@@ -5,6 +5,9 @@ import numpy as np
 
 from dynheads.scores.base import head_score
 
+# Eq. 1 is an indicator (0 or 1); a head is a dynamic retrieval head where it exceeds 0.5, i.e. is 1.
+ACTIVE_THRESHOLD = 0.5
+
 
 def in_spans(positions: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
     """Boolean array: which positions lie in any of the half-open token ranges."""
@@ -14,7 +17,7 @@ def in_spans(positions: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
     return hit
 
 
-@head_score("copy_paste", needs=("top1_pos", "top1_token"), threshold=1.0)
+@head_score("copy_paste", needs=("top1_pos", "top1_token"), threshold=ACTIVE_THRESHOLD)
 def copy_paste_score(arrays: dict[str, np.ndarray], token_spans: dict, span: str = "needle",
                      pos_key: str = "top1_pos", token_key: str = "top1_token",
                      generated_key: str = "token_id") -> np.ndarray:
@@ -26,3 +29,8 @@ def copy_paste_score(arrays: dict[str, np.ndarray], token_spans: dict, span: str
     pos, tok = arrays[pos_key], arrays[token_key]
     generated = arrays[generated_key][:, None, None]
     return (in_spans(pos, token_spans[span]) & (tok == generated)).astype(np.float32)
+
+
+def copy_paste_active(arrays: dict[str, np.ndarray], token_spans: dict, **args) -> np.ndarray:
+    """bool [T, layers, heads]: the dynamic sets D_t, Eq. 1 > ACTIVE_THRESHOLD (`copy_paste_score` args)."""
+    return copy_paste_score(arrays, token_spans, **args) > ACTIVE_THRESHOLD

@@ -43,7 +43,7 @@ def reasoning_head_score(arrays: dict[str, np.ndarray], token_spans: dict, span:
     """Eq. 2 per step and head from a sample's record arrays: mass_<span> / context_mass, float32 [T, L, H].
 
     The registered multi-hop head score (run config `score.name = "reasoning"`); a head is active at a
-    step when its score reaches the threshold (`HeadScore.active` compares with >=, `active_heads` with >).
+    step when its score exceeds the threshold (`HeadScore.active` and `active_heads`: strict >).
     """
     return reasoning_score(arrays[f"mass_{span}"], arrays["context_mass"])
 

@@ -62,16 +62,24 @@ def test_compensated_heads_and_m_s_by_hand():
     assert abl.max_static_compensation(abl.compensated_heads(empty, SPANS), static) == 0
 
 
-def test_match_average_rounds_the_mean_dynamic_count_half_up():
-    def rule(name, dynamic, none=(5, 5)):
-        return abl.MATCH[name]({"dynamic": list(dynamic), "none": list(none)})
-
-    assert rule("average", [3, 0, 2, 1]) == 2  # mean 1.5 → 2
-    assert rule("average", [0, 1]) == 1  # 0.5 → 1
-    assert rule("average", [0, 0, 1]) == 0  # 0.33 → 0
-    assert rule("average", []) == 0
-    assert rule("unmasked", [0, 1], none=[4, 5, 7]) == 5  # the unmasked run's mean |D_t| 5.33
-    assert rule("step", [3, 1]) is None
+def test_matched_count_is_the_run_mean_and_never_zero_where_heads_were_masked():
+    # sample a masked one head at one of three steps: the old per-sample rounding gave round(0.33) = 0,
+    # so its baselines masked nothing and equalled the unmasked run
+    a, b = [0, 0, 1], [3, 3, 2, 2]
+    assert abl.matched_heads([a]) == 1  # 0.33 → at least 1, because the dynamic condition masked a head
+    assert abl.matched_heads([a, b]) == 2  # the run: (0+0+1+3+3+2+2) / 7 = 1.57 → 2, for both samples
+    assert abl.matched_heads([[0, 1, 1, 1], [1, 1, 1, 1]]) == 1  # 7 / 8 = 0.875 → 1
+    # pooled over steps, not a mean of per-sample means: 7 / 9 = 0.78 → 1 (per-sample means 0.14, 3 → 1.57)
+    assert abl.matched_heads([[0, 0, 0, 0, 0, 0, 1], [3, 3]]) == 1
+    assert abl.matched_heads([[0, 0], []]) == 0 and abl.matched_heads([]) == 0  # nothing masked anywhere
+    info = abl.matching_summary([a, b], abl.AblationConfig())
+    assert info["heads"] == 2 and info["mean_per_step"] == pytest.approx(11 / 7) and info["n_steps"] == 7
+    assert info["condition"] == "dynamic" and "rounded half up" in info["rule"]
+    unmasked = abl.AblationConfig(match="unmasked")
+    assert abl.MATCH["unmasked"] == ("none", "dynamic") and unmasked.two_pass
+    assert not abl.AblationConfig(match="step").two_pass and not abl.AblationConfig(match_scope="sample").two_pass
+    with pytest.raises(ConfigError, match="unknown --match-scope"):
+        abl.AblationConfig(match_scope="cell")
 
 
 def test_summarise_reports_cis_and_paired_differences():
@@ -196,13 +204,53 @@ def test_ablate_sample_runs_every_condition_on_one_prefill():
     np.testing.assert_array_equal(again["random__ablated"], arrays["random__ablated"])
 
 
-def test_ablate_sample_average_match_masks_a_fixed_count():
+def _tiny_samples(n=2):
+    out = []
+    for i in range(n):
+        enc = _encoded(seed=3 + i)
+        sample = Sample(f"tiny-{i}", "ctx", "q?", "zzz", {}, PromptFormat(None, "{context}"),
+                        metadata={"length": PROMPT_LEN, "depth": 50.0})
+        out.append(EncodedSample(sample, enc.input_ids, enc.token_spans, enc.context_tokens, ""))
+    return out
+
+
+def test_run_level_match_masks_the_pooled_mean_and_resumes_with_the_same_count(tmp_path):
     lm = make_tiny_lm("llama")
-    tracer = Tracer(lm, TraceConfig(max_new_tokens=12, record_hidden=False))
-    arrays, result = abl.ablate_sample(tracer, _encoded(), np.ones(lm.layout.shape), abl.AblationConfig())
+    tracer = Tracer(lm, TraceConfig(max_new_tokens=8, record_hidden=False))
+    samples, ranking = _tiny_samples(), np.ones(lm.layout.shape)
+    run = RunDir.create(tmp_path / "abl", {"kind": "ablation"})
+    config = abl.AblationConfig()
+    matching = abl.ablate_samples(run, tracer, samples, ranking, config, quiet=True)
+    rows = run.sample_results()
+    masked = [r["conditions"]["dynamic"]["heads_masked"] for r in rows]
+    steps = [c for m in masked for c in m]
+    assert any(steps)  # the dynamic condition masked something, so the count must not be 0
+    assert matching["heads"] == max(1, int(np.floor(np.mean(steps) + 0.5))) and matching["n_steps"] == len(steps)
+    for r in rows:
+        assert r["matched_heads"] == matching["heads"]  # one count for the whole run
+        for cond in abl.BASELINES:
+            assert set(r["conditions"][cond]["heads_masked"]) <= {matching["heads"]}
+    # the first pass is reused: none/dynamic of the main run are the first pass's
+    first = RunDir.open(run.path / "first_pass").sample_results()
+    assert [f["conditions"]["dynamic"] for f in first] == [r["conditions"]["dynamic"] for r in rows]
+    # kill after the first sample of the second pass: the resumed run gets the same count and records
+    victim = run.path / "samples" / "tiny-1.json"
+    before = json.loads(victim.read_text())
+    victim.unlink()
+    again = abl.ablate_samples(run, tracer, samples, ranking, config, quiet=True)
+    assert again == matching and json.loads(victim.read_text()) == before
+    with pytest.raises(ValueError, match="first pass"):
+        abl.ablate_sample(tracer, samples[0], ranking, config)
+
+
+def test_sample_scope_matches_each_samples_own_mean_in_one_pass(tmp_path):
+    lm = make_tiny_lm("llama")
+    tracer = Tracer(lm, TraceConfig(max_new_tokens=8, record_hidden=False))
+    arrays, result = abl.ablate_sample(tracer, _encoded(), np.ones(lm.layout.shape),
+                                       abl.AblationConfig(match_scope="sample"))
     n = result["matched_heads"]
     sizes = arrays["dynamic__ablated"].reshape(len(arrays["dynamic__ablated"]), -1).sum(1)
-    assert n == int(np.floor(sizes.mean() + 0.5))
+    assert sizes.any() and n == max(1, int(np.floor(sizes.mean() + 0.5)))
     for cond in abl.BASELINES:
         steps = arrays[f"{cond}__ablated"]
         assert (steps.reshape(len(steps), -1).sum(1) == n).all()
