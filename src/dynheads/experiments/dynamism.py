@@ -134,11 +134,29 @@ def step_jaccards(steps: np.ndarray, static: np.ndarray, keep: bool) -> tuple[li
 
 def wu_sample_scores(active: np.ndarray, sample_ids: np.ndarray, span_lengths: dict[str, int],
                      correct: dict[str, bool]) -> dict[str, np.ndarray]:
-    """Wu et al.'s per-sample score (hits / answer-span length) for each correct sample: {id: [L, H]}."""
+    """Wu et al.'s per-sample score (hits / span length) for each correct sample: {id: [L, H]}.
+
+    `active` must count hits on the same span whose length divides them (Wu et al.: the answer span
+    `real_needle`); `span_hits` recomputes them there.
+    """
     out = {}
     for sid in _ordered_unique(sample_ids):
         if correct.get(sid):
             out[sid] = active[sample_ids == sid].sum(0) / max(span_lengths[sid], 1)
+    return out
+
+
+def span_hits(score, records: Records, token_spans: dict[str, dict], span: str) -> np.ndarray:
+    """bool [N, L, H]: the run's score recomputed per sample on `span` (e.g. the answer), then `score.active`.
+
+    score: a registered HeadScore whose inputs do not depend on the span (Eq. 1: top-1 positions and
+    tokens), so the hits of Wu et al.'s score lie in the span its length is taken from.
+    """
+    out = np.zeros(records.array("score").shape, bool)
+    for sid in records.samples():
+        sel = records.sample_ids == sid
+        arrays = {k: v[sel] for k, v in records.arrays.items()}
+        out[sel] = score.active(score(arrays, token_spans[sid], span=span))
     return out
 
 
@@ -193,7 +211,7 @@ def run(run_dir: RunDir, config: DynamismConfig = DynamismConfig()) -> DynamismS
     run_dir.write_result("dynamism", {
         "stats": asdict(stats), "config": asdict(config), "paper": PAPER_TABLE1,
         "frequency": dict(zip(layout.labels(), activation_frequency(active).reshape(-1)))}, config)
-    head_scores = _wu_scores(cfg, results, records.sample_ids, active)
+    head_scores = _wu_scores(cfg, results, records, active, score)
     for name in dict.fromkeys(("head_scores", result_name("head_scores", config))):  # latest, and named by flags
         save_head_scores(run_dir.path / "results" / f"{name}.json", layout, head_scores)
     sid = config.heatmap_sample or _heatmap_sample(active, records, correct)
@@ -213,8 +231,8 @@ def run_head_scores(run_dir: RunDir) -> dict[str, np.ndarray]:
 
     records = run_dir.read_records()
     results = {r["id"]: r for r in run_dir.sample_results()}
-    active = get_score(run_dir.config["score"]["name"]).active(records.array("score"))
-    return _wu_scores(run_dir.config, results, records.sample_ids, active)
+    score = get_score(run_dir.config["score"]["name"])
+    return _wu_scores(run_dir.config, results, records, score.active(records.array("score")), score)
 
 
 def format_table(stats: DynamismStats, model_name: str) -> str:
@@ -241,12 +259,20 @@ def static_cap_note(n_static: int, requested: int) -> str:
             f"{n_static} (asked for top-{requested}; idle heads are never added)")
 
 
-def _wu_scores(cfg: dict, results: dict[str, dict], sample_ids: np.ndarray, active: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-sample Wu scores over the answer span (else the score's span) of the correctly answered samples."""
+def _wu_scores(cfg: dict, results: dict[str, dict], records: Records, active: np.ndarray,
+               score) -> dict[str, np.ndarray]:
+    """Per-sample Wu scores of the correctly answered samples: hits counted and divided on one span.
+
+    The answer span (Wu et al.'s real_needle) when the samples have one and the score can be recomputed
+    there (it needs no recorded span masses, as Eq. 1); else the score's own span and its hits `active`.
+    """
     correct = {sid: r.get("accuracy", r.get("em", 0.0)) >= 1.0 for sid, r in results.items()}
-    span = "answer" if "answer" in next(iter(results.values()))["token_spans"] else cfg["score"]["args"].get("span", "needle")
+    span, hits = cfg["score"]["args"].get("span", "needle"), active
+    if "answer" in next(iter(results.values()))["token_spans"] and not score.mass_spans:
+        span = "answer"
+        hits = span_hits(score, records, {sid: r["token_spans"] for sid, r in results.items()}, span)
     lengths = {sid: sum(e - s for s, e in r["token_spans"].get(span, [])) for sid, r in results.items()}
-    return wu_sample_scores(active, sample_ids, lengths, correct)
+    return wu_sample_scores(hits, records.sample_ids, lengths, correct)
 
 
 def _heatmap_sample(active: np.ndarray, records: Records, correct: dict[str, bool]) -> str:

@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 
 from dynheads.errors import ConfigError
-from dynheads.experiments.dynamism import (DynamismConfig, activation_frequency, dynamism_stats, load_head_scores,
-                                           most_variable_heads, save_head_scores, top_heads, wu_sample_scores)
+from dynheads.experiments.dynamism import (DynamismConfig, activation_frequency, dynamism_stats, format_table,
+                                           load_head_scores, most_variable_heads, save_head_scores, span_hits,
+                                           static_cap_note, top_heads, wu_sample_scores)
 from dynheads.heads import HeadLayout
+from dynheads.records import Records
+from dynheads.scores.base import get_score
 
 
 def _steps(*sets, shape=(2, 3)):
@@ -72,3 +75,36 @@ def test_head_score_files_round_trip_and_reject_foreign_heads(tmp_path):
     (tmp_path / "bad.json").write_text('{"7-1": [0.5]}')
     with pytest.raises(ConfigError, match="does not exist in a model with 2 layers"):
         load_head_scores(tmp_path / "bad.json", layout)
+
+
+def test_static_top_k_is_capped_at_the_heads_that_ever_scored():
+    active = _steps({0, 5}, {0}, {3})  # 3 of 6 heads ever active
+    static = top_heads(activation_frequency(active), 5)
+    assert np.flatnonzero(static).tolist() == [0, 3, 5]  # never padded with idle heads 1, 2, 4
+    st = dynamism_stats(active, np.array(["a"] * 3), static, DynamismConfig(static_top=5))
+    assert st.static_requested == 5 and len(st.static_heads) == 3 and st.ln_static_top == pytest.approx(math.log(3))
+    assert "capped at 3 (asked for top-5" in format_table(st, "tiny")
+    full = dynamism_stats(active, np.array(["a"] * 3), top_heads(activation_frequency(active), 3),
+                          DynamismConfig(static_top=3))
+    assert "capped" not in format_table(full, "tiny") and static_cap_note(3, 3) == ""
+
+
+def test_wu_score_counts_hits_on_the_answer_span_it_divides_by():
+    # one sample, 4 steps, needle sentence = positions 10..19, answer (real_needle) = 15..17 (3 tokens)
+    pos = np.zeros((4, 1, 2), np.int64)
+    tok = np.zeros((4, 1, 2), np.int64)
+    generated = np.array([7, 8, 9, 4])
+    pos[:, 0, 0] = [12, 16, 11, 13]  # head 0 copies at every step, but only step 1 from the answer
+    pos[:, 0, 1] = [0, 0, 17, 0]  # head 1 copies once, from the answer
+    tok[:, 0, 0], tok[2, 0, 1] = generated, 9
+    records = Records({"top1_pos": pos, "top1_token": tok, "token_id": generated, "score": np.zeros((4, 1, 2))},
+                      np.array(["a"] * 4), np.arange(4))
+    spans = {"a": {"needle": [[10, 20]], "answer": [[15, 18]]}}
+    score = get_score("copy_paste")
+    needle = span_hits(score, records, spans, "needle")
+    answer = span_hits(score, records, spans, "answer")
+    assert needle.sum(0).tolist() == [[4, 1]] and answer.sum(0).tolist() == [[1, 1]]
+    wu = wu_sample_scores(answer, records.sample_ids, {"a": 3}, {"a": True})
+    np.testing.assert_allclose(wu["a"], [[1 / 3, 1 / 3]])
+    # the old mix (needle hits / answer length) gave head 0 a "recall" of 4/3 > 1
+    assert wu_sample_scores(needle, records.sample_ids, {"a": 3}, {"a": True})["a"][0, 0] > 1
