@@ -9,7 +9,8 @@ In-context retrieval (the paper's setting): the context paragraphs stay in the p
   2. draft one sentence under the current mask (the tracer stops one token after the sentence ends,
      so the step whose query is the sentence's last token is recorded too; that token is discarded);
   3. RIND (the injected trigger) scores the draft: entropy of each token × the largest attention a later
-     draft token pays it (layer `rind_layer`, mean over heads, from the same pass that generated it);
+     draft token pays it (layer `rind_layer`: per head, then the mean over heads as DRAGIN does; from the
+     same pass that generated it);
   4. no trigger: accept the sentence. Trigger: cut the draft back to the start of the sentence holding
      the flagged token, run ONE identification step with the whole context visible (rows over the
      context for all heads, final hidden state), let the strategy pick its heads, and let the injected
@@ -41,7 +42,7 @@ class RagConfig:
 
     max_new_tokens: int = 100  # answer budget in accepted tokens: DRAGIN's HotpotQA generate_max_length
     max_sentence_tokens: int = 40  # cap on one drafted sentence (a draft without a sentence end stops here)
-    rind_layer: int = -1  # RIND attention from this layer, averaged over its heads (DRAGIN: the last layer)
+    rind_layer: int = -1  # RIND attention from this layer: per-head max, then mean over heads (DRAGIN: last layer)
     stop_on_answer: bool = True  # stop after the sentence that says "the answer is" (DRAGIN's stop rule)
     max_retrievals: int | None = None  # per question; None = whenever RIND asks (DRAGIN has no cap)
 
@@ -212,13 +213,14 @@ class Session:
         return Sentence(new[:n], tokens[:n], views[: n + 1], eos=trace.stop_id is not None and n == len(new))
 
     def rind_inputs(self, s: Sentence) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """RIND's entropy [T], attention among the draft's tokens [T, T] (row j: token j as the query), tokens."""
+        """RIND's entropy [T], per-head attention among the draft's tokens [heads, T, T] (row j: token j as the
+        query; layer `rind_layer`), tokens."""
         n = len(s.ids)
         entropy = np.array([v.entropy for v in s.views[:n]], np.float64)
-        att = np.zeros((n, n))
+        att = np.zeros((self.lm.layout.n_heads, n, n))
         for j in range(n):
             if j + 1 < len(s.views):
-                att[j] = s.views[j + 1].arrays["rows_draft"][self.config.rind_layer].mean(0)[:n]
+                att[:, j] = s.views[j + 1].arrays["rows_draft"][self.config.rind_layer][:, :n]
         return entropy, att, s.tokens
 
     def identify(self) -> StepView:

@@ -1,10 +1,12 @@
 """When to retrieve: RIND (DRAGIN's real-time information-need detection), always, never.
 
 RIND (Su et al. 2024, DRAGIN; used by paper Sec. 5, Alg. 1 step 2.2) scores each drafted token
-    S_i = H_i · a_max(i) · s_i,   a_max(i) = max_{j > i} A[j, i]
-with H_i the entropy of the distribution that produced token i, A the attention among the generated
-tokens (the caller passes the last layer averaged over heads) and s_i = 0 for stop words, and flags
-the first token with S_i > θ. Defaults follow the paper's formula (strict j > i, stop words removed
+    S_i = H_i · a_max(i) · s_i,   a_max(i) = mean_h max_{j > i} A_h[j, i]
+with H_i the entropy of the distribution that produced token i, A_h the attention of head h among the
+generated tokens (the caller passes every head of the last layer) and s_i = 0 for stop words, and flags
+the first token with S_i > θ. The attention term is DRAGIN's (anchors §2.3): per head the largest
+attention a later token pays to token i, then the mean over heads (not the max of the head-averaged
+attention, which is never larger and would put DRAGIN's θ on another scale). Defaults follow the paper's formula (strict j > i, stop words removed
 before the decision), except `renormalize`, which follows DRAGIN's released code (attention rescaled
 to mean 1 inside each sentence) because its shipped θ values only mean something on that scale.
 `filter_after=True` and `include_self=True` give DRAGIN-code behaviour (see anchors §2.3).
@@ -15,6 +17,10 @@ Defaults where the paper (Lin et al.) is silent:
   stop words      scikit-learn's ENGLISH_STOP_WORDS (DRAGIN uses spaCy POS tags; no spaCy here).
 Tokens are scored one by one (DRAGIN merges sub-tokens into words); a token is a content token when
 any word it overlaps is not a stop word, so the pieces of "Par"+"is" share the word "Paris".
+The attention rows come from the pass that generated the draft (softmax over the whole prompt, restricted
+to the draft's tokens); DRAGIN re-encodes the generated text alone. We keep the generating pass (one
+prefill, no second encoding); with `renormalize` (per-sentence mean 1) the two differ only in how the
+non-draft mass is spread, which the rescaling divides out per sentence.
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ class TriggerDecision:
 class Trigger(Protocol):
     def should_retrieve(self, entropy: np.ndarray, attention: np.ndarray,
                         tokens: Sequence[str]) -> TriggerDecision:
-        """entropy [T] (nats), attention [T, T] (row j: token j over the generated tokens), tokens [T]."""
+        """entropy [T] (nats), attention [heads, T, T] or [T, T] (row j: token j over the generated tokens), tokens [T]."""
 
 
 triggers: Registry[Callable[..., Trigger]] = Registry("trigger")
@@ -96,8 +102,8 @@ def rind(entropy: np.ndarray, attention: np.ndarray, tokens: Sequence[str], thre
     """
     entropy = np.asarray(entropy, dtype=np.float64)
     n = len(tokens)
-    if entropy.shape != (n,) or np.shape(attention) != (n, n):
-        raise ValueError(f"RIND needs entropy [T] and attention [T, T] for T={n} tokens, got "
+    if entropy.shape != (n,) or np.shape(attention)[-2:] != (n, n) or np.ndim(attention) not in (2, 3):
+        raise ValueError(f"RIND needs entropy [T] and attention [heads, T, T] or [T, T] for T={n} tokens, got "
                          f"{entropy.shape} and {np.shape(attention)}")
     a = max_later_attention(attention, include_self)
     if renormalize:
@@ -114,10 +120,15 @@ def rind(entropy: np.ndarray, attention: np.ndarray, tokens: Sequence[str], thre
 
 
 def max_later_attention(attention: np.ndarray, include_self: bool = False) -> np.ndarray:
-    """a_max [T]: for each token i, the largest attention any later token j > i (j ≥ i) pays to it; 0 if none."""
+    """a_max [T]: per head, the largest attention any later token j > i (j ≥ i) pays to token i (0 if
+    none), then the mean over heads (DRAGIN). attention: [heads, T, T], or [T, T] for a single head."""
     att = np.asarray(attention, dtype=np.float64)
-    later = np.tril(np.ones(att.shape, dtype=bool), k=0 if include_self else -1)  # row j, column i ≤ / < j
-    return np.where(later, att, 0.0).max(axis=0) if att.size else np.zeros(0)
+    att = att[None] if att.ndim == 2 else att
+    n = att.shape[-1]
+    if not n:
+        return np.zeros(0)
+    later = np.tril(np.ones((n, n), dtype=bool), k=0 if include_self else -1)  # row j, column i ≤ / < j
+    return np.where(later, att, 0.0).max(axis=1).mean(axis=0)
 
 
 def renormalize_per_sentence(a: np.ndarray, sentences: list[TokenSpan]) -> np.ndarray:

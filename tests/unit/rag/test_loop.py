@@ -46,7 +46,7 @@ class FirstDraftOnly:
 
     def should_retrieve(self, entropy, attention, tokens):
         self.calls += 1
-        assert len(entropy) == len(tokens) and attention.shape == (len(tokens), len(tokens))
+        assert len(entropy) == len(tokens) and attention.shape == (4, len(tokens), len(tokens))  # every head
         return TriggerDecision(self.calls == 1, 2 if self.calls == 1 else None)
 
 

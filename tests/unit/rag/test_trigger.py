@@ -90,3 +90,19 @@ def test_registry_and_protocol():
         triggers.create(Spec("rind", {"theta": 1.0}))
     with pytest.raises(ValueError):
         rind(ENTROPY[:3], att, TOKENS)
+
+
+def test_attention_term_is_per_head_max_then_mean_over_heads_as_dragin():
+    # 3 tokens, 2 heads. Token 0 gets 0.8 from token 1 in head A and 0.6 from token 2 in head B.
+    att = np.zeros((2, 3, 3))
+    att[0, 1, 0], att[1, 2, 0] = 0.8, 0.6
+    att[0, 2, 1], att[1, 2, 1] = 0.2, 0.4  # token 1: max 0.2 in A, 0.4 in B
+    # DRAGIN: mean_h max_j A_h[j, i] = [(0.8 + 0.6) / 2, (0.2 + 0.4) / 2, 0]
+    np.testing.assert_allclose(max_later_attention(att), [0.7, 0.3, 0.0])
+    # the old order (mean over heads, then max over j) gives max(0.4, 0.3) = 0.4 for token 0
+    np.testing.assert_allclose(max_later_attention(att.mean(0)), [0.4, 0.3, 0.0])
+    tokens, entropy = ["Paris", " Rome", " Oslo"], np.ones(3)
+    assert rind(entropy, att, tokens, threshold=0.5, renormalize=False).position == 0  # 0.7 > 0.5
+    assert rind(entropy, att.mean(0), tokens, threshold=0.5, renormalize=False).retrieve is False  # 0.4
+    with pytest.raises(ValueError, match="attention"):
+        rind(entropy, np.zeros((2, 2, 3, 3)), tokens)
