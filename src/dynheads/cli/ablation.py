@@ -49,8 +49,9 @@ def register(app: typer.Typer) -> None:
         from dynheads.report.ablation_figures import ablation_table
         from dynheads.tracing.tracer import TraceConfig
 
-        config = abl.AblationConfig(method=method, match=match, match_scope=match_scope, random_per_step=random_per_step,
-                                    static_ranking=static_ranking, n_boot=n_boot, seed=seed)
+        config = abl.AblationConfig(method=method, match=match, match_scope=match_scope,
+                                    random_per_step=random_per_step, static_ranking=static_ranking, n_boot=n_boot,
+                                    seed=seed)
         lm = load_model(model, dtype=dtype, device=device)
         run, result = abl.run_ablation(lm, niah, out, config, TraceConfig(max_new_tokens=max_new_tokens), quiet)
         typer.echo(ablation_table(result))

@@ -48,14 +48,17 @@ def register(app: typer.Typer) -> None:
                                   help="comma-separated strategies: dynamic, static, dynamic-random, fixed-random, "
                                        "none, full (several share each question's prefill)"),
         static_ranking: Optional[str] = typer.Option(None, help="head_scores JSON or a multihop run folder (other questions)"),
-        regressor: Optional[str] = typer.Option(None, help="saved regressor .pt or a multihop run folder to train it on"),
+        regressor: Optional[str] = typer.Option(None, help="saved probe .pt (with its .pt.json; experiments.probes.Probe) "
+                                                "or a multihop run folder to train the regressor on"),
         retrieval: str = typer.Option("in-context", help="'in-context' (attention masks, paper) or 'corpus' (BM25)"),
         corpus: Optional[str] = typer.Option(None, help="JSONL corpus {id, title, text} for --retrieval corpus"),
         format: str = typer.Option("auto", help="file layout (see `dynheads multihop --help`)"),
         prompt: str = typer.Option("cot", help="'cot' (DRAGIN-style reasoning sentences) or 'short'"),
         max_new_tokens: int = typer.Option(100, min=1, help="answer budget in tokens (DRAGIN HotpotQA: 100)"),
         max_sentence_tokens: int = typer.Option(40, min=1, help="cap on one drafted sentence"),
-        rind_threshold: float = typer.Option(1.2, help="RIND θ (DRAGIN HotpotQA config: 1.2)"),
+        rind_threshold: float = typer.Option(1.2, help="RIND θ (DRAGIN HotpotQA config: 1.2), on DRAGIN's scale: "
+                                             "entropy × (per head, max attention from a later token; mean over the "
+                                             "last layer's heads), rescaled to mean 1 per sentence"),
         top_k: int = typer.Option(10, min=1, help="top-k attended context positions per retrieval"),
         window: int = typer.Option(64, min=1, help="window size in tokens around each cluster representative"),
         n_heads: int = typer.Option(5, min=1, help="heads per retrieval (paper: 5)"),
