@@ -50,3 +50,12 @@ def test_score_from_rows_matches_hand_value():
     assert got.shape == (1, 1)
     assert got[0, 0] == pytest.approx(0.2 / 0.45, rel=1e-6)
     assert reasoning_score_from_rows(row, support, sink=12, local=0) == 0.0
+
+
+def test_every_registered_score_calls_a_head_active_only_where_it_exceeds_its_threshold():
+    from dynheads.scores.base import get_score
+
+    reasoning, copy = get_score("reasoning"), get_score("copy_paste")
+    assert reasoning.active(np.array([0.1, 0.1001, 0.05])).tolist() == [False, True, False]  # 0.1 does not exceed 0.1
+    np.testing.assert_array_equal(reasoning.active(np.array([0.1, 0.2])), active_heads(np.array([0.1, 0.2])))
+    assert copy.threshold == 0.5 and copy.active(np.array([0.0, 1.0])).tolist() == [False, True]
