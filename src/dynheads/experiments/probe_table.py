@@ -155,8 +155,8 @@ def _probe_heads(hidden, scores, sample_ids, steps, config: ProbeConfig, rng) ->
             x, shuffled, tr, va, sizes, config, seed)
     preds["frequency prior"] = base.frequency_prior(y, tr)
     preds["position"] = base.position_rate(steps[tgt], y, tr)
-    preds["copy step"] = base.copy_step_rate(copy_step, y, tr)
     preds["copy last set"] = prev_y
+    preds["copy step"] = base.copy_step_rate(copy_step, y, tr)  # last: earlier rows' bootstrap draws unchanged
     evaluate = base.evaluate_regression if config.regress else base.evaluate_classification
     groups = sample_ids[src][te]
     rows, stats = [], {}
