@@ -4,9 +4,8 @@ A selector factory is registered with `@selector("name")` and returns `select(ct
 where `ctx` is the step's clean (unmasked) pass plus its dynamic set (Eq. 1 on that pass and the
 sample's needle span). Counts: `n=None` masks as many heads as the step's own dynamic set
 (`--match step`); an integer masks exactly that many at every step. The ablation experiment
-defaults to `--match average`: n = round(mean |D_t|) over the dynamic condition's steps of the
-*same sample* (one prefill serves every condition, so the count is known before the baselines run);
-`--match unmasked` takes the mean |D_t| of the sample's unmasked run instead.
+defaults to `--match average`: n = the mean number of heads the dynamic condition masked per step
+over the whole run, rounded half up and at least 1 (experiments/ablation.py, `matched_heads`).
 
 `progressive` ranks heads by a rule the paper leaves open (Sec. 3.3.2): the step's dynamic heads
 first, then the remaining heads by the attention they put on needle positions holding the token
