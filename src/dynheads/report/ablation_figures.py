@@ -87,7 +87,8 @@ def ablation_table(result: dict) -> str:
                  f"(|D_t| unmasked: {_num(conds['none']['dynamic_per_step'])})")
     match = result.get("matching", {})
     if match.get("mean_per_step") is not None:
-        heads = "per sample" if match["heads"] is None else f"{match['heads']} heads per step"
+        n = match["heads"]
+        heads = "per sample" if n is None else f"{n} head{'' if n == 1 else 's'} per step"
         lines.append(f"count matching: {heads} = {match['rule']} (mean {match['mean_per_step']:.2f} over "
                      f"{match['n_steps']} steps of {match['n_samples']} samples)")
     elif match:
