@@ -64,6 +64,7 @@ _KEEP = ("token_id", "clean_token_id", "token_logprob", "ablated", "top1_pos", "
 # None = each step's own |D_t|.
 MATCH = {"average": ("dynamic", "heads_masked"), "unmasked": ("none", "dynamic"), "step": None}
 MATCH_SCOPES = ("run", "sample")
+_COUNTED = {"heads_masked": "heads masked", "dynamic": "|D_t|"}  # what a matched per-step count counts
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def matching_summary(counts: list[list[int]], config: AblationConfig) -> dict:
     return {"match": config.match, "scope": config.match_scope, "condition": cond, "field": field_name,
             "mean_per_step": mean, "n_steps": len(steps), "n_samples": len(counts),
             "heads": matched_heads(counts) if config.match_scope == "run" else None,
-            "rule": f"mean {field_name.replace('_', ' ')} per step of the '{cond}' condition over {scope}, "
+            "rule": f"mean {_COUNTED[field_name]} per step of the '{cond}' condition over {scope}, "
                     "rounded half up, at least 1 where that condition counted any head"}
 
 
