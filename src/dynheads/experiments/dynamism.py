@@ -264,11 +264,13 @@ def _wu_scores(cfg: dict, results: dict[str, dict], records: Records, active: np
     """Per-sample Wu scores of the correctly answered samples: hits counted and divided on one span.
 
     The answer span (Wu et al.'s real_needle) when the samples have one and the score can be recomputed
-    there (it needs no recorded span masses, as Eq. 1); else the score's own span and its hits `active`.
+    there (it needs no recorded span masses, as Eq. 1, and the records hold its inputs); else the score's
+    own span, for the hits `active` and the length alike.
     """
     correct = {sid: r.get("accuracy", r.get("em", 0.0)) >= 1.0 for sid, r in results.items()}
     span, hits = cfg["score"]["args"].get("span", "needle"), active
-    if "answer" in next(iter(results.values()))["token_spans"] and not score.mass_spans:
+    recomputable = not score.mass_spans and all(n in records.names for n in score.needs)
+    if "answer" in next(iter(results.values()))["token_spans"] and recomputable:
         span = "answer"
         hits = span_hits(score, records, {sid: r["token_spans"] for sid, r in results.items()}, span)
     lengths = {sid: sum(e - s for s, e in r["token_spans"].get(span, [])) for sid, r in results.items()}

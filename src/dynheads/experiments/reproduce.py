@@ -87,7 +87,8 @@ def preset(name: str, **overrides: Any) -> Preset:
 def steps(p: Preset, out: Path, model: str) -> list[Step]:
     """The experiments in order; later steps read the folders of earlier ones."""
     from dynheads.experiments import ablation as abl
-    from dynheads.experiments import cca, dynamism, probes
+    from dynheads.experiments import cca, dynamism, probe_table
+    from dynheads.experiments.probes import ProbeConfig
     from dynheads.experiments.trace import run_multihop, run_niah
     from dynheads.runs import RunDir
     from dynheads.tasks.niah import NiahConfig
@@ -111,7 +112,7 @@ def steps(p: Preset, out: Path, model: str) -> list[Step]:
     ]
     for k in p.probe_offsets:
         out_steps.append(Step(f"probe_k{k}", "niah", False, f"dynheads probe {d('niah')} --offset {k}",
-                              lambda lm, k=k: probes.run(RunDir.open(d("niah")), probes.ProbeConfig(offset=k))))
+                              lambda lm, k=k: probe_table.run(RunDir.open(d("niah")), ProbeConfig(offset=k))))
     cfg = abl.AblationConfig(seed=p.seed)
     out_steps += [
         Step("ablation", "ablation", True, f"dynheads ablate --model {model} --lengths {j(p.ablation_lengths)} "
@@ -129,7 +130,7 @@ def steps(p: Preset, out: Path, model: str) -> list[Step]:
              lambda lm: run_multihop(lm, _split(p, out)[0], None, d("multihop"),
                                      TraceConfig(max_new_tokens=p.multihop_max_new_tokens), quiet=True)),
         Step("probe_regress_k0", "multihop", False, f"dynheads probe {d('multihop')} --regress",
-             lambda lm: probes.run(RunDir.open(d("multihop")), probes.ProbeConfig(regress=True))),
+             lambda lm: probe_table.run(RunDir.open(d("multihop")), ProbeConfig(regress=True))),
         Step("rag", "rag", True, f"dynheads rag --model {model} --data {ev} --limit {_count(p.rag_records)} "
              f"--heads {','.join(p.rag_strategies)} --static-ranking {d('multihop')} --regressor {d('multihop')} "
              f"--prompt short --max-new-tokens {p.rag_max_new_tokens} --max-sentence-tokens 32 --out {d('rag')}",

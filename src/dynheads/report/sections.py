@@ -12,7 +12,7 @@ from typing import Any
 from dynheads.experiments.ablation import PAPER_FIG2, PAPER_FIG3
 from dynheads.experiments.cca import PAPER_FIG4_TOP1
 from dynheads.experiments.dynamism import PAPER_TABLE1
-from dynheads.experiments.probes import PAPER_TABLE2, PAPER_TABLE3
+from dynheads.experiments.probe_table import PAPER_TABLE2, PAPER_TABLE3
 from dynheads.experiments.rag import PAPER_TABLE4, TITLES
 
 PAPER_MODEL = "llama3.1-8b"

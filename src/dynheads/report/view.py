@@ -65,7 +65,7 @@ def conditions(cfg: dict[str, Any], arrays: dict[str, np.ndarray], row: dict[str
     """Per condition: name, token ids, score [T, L, H], D_t bool or None, top-1/top-k, ablated, windows."""
     kind = cfg["kind"]
     if kind.startswith("ablation"):
-        from dynheads.scores.copy_paste import copy_paste_score
+        from dynheads.scores.copy_paste import copy_paste_active
 
         span = cfg.get("ablation", {}).get("span", "needle")
         out = []
@@ -73,7 +73,7 @@ def conditions(cfg: dict[str, Any], arrays: dict[str, np.ndarray], row: dict[str
             sub = {k[len(name) + 2:]: v for k, v in arrays.items() if k.startswith(name + "__")}
             n = len(sub["token_id"])
             key = "clean_token_id" if "clean_token_id" in sub else "token_id"
-            dt = (copy_paste_score(sub, row["token_spans"], span=span, generated_key=key) >= 1 if n
+            dt = (copy_paste_active(sub, row["token_spans"], span=span, generated_key=key) if n
                   else np.zeros((0,) + layout.shape, bool))
             out.append({"name": name, "token_id": sub["token_id"], "score": dt.astype(np.float32), "active": dt,
                         "top1": sub.get("top1_pos"), "ablated": sub.get("ablated"),
