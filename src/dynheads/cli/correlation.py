@@ -34,12 +34,18 @@ def register(app: typer.Typer) -> None:
         max_epochs: int = typer.Option(100, min=1, help="upper bound; training stops early on validation loss"),
         patience: int = typer.Option(5, min=1, help="early-stopping patience in epochs"),
     ):
-        """Table 2/3: MLP probe from the final hidden state to per-head scores, with baselines."""
-        from dynheads.experiments import probes
+        """Table 2/3: MLP probe from the final hidden state to per-head scores, with baselines.
+
+        A head is active where its score exceeds the run's registered head-score threshold (Eq. 1: 0.5
+        on a 0/1 score; Eq. 2: 0.1). Baselines: linear probe (ridge for --regress), shuffled labels,
+        frequency prior, position, copy step (knows when the model copies, not which heads), last set.
+        """
+        from dynheads.experiments import probe_table
+        from dynheads.experiments.probes import ProbeConfig
         from dynheads.runs import RunDir
 
         run = RunDir.open(run_dir)
-        config = probes.ProbeConfig(offset=offset, regress=regress, paper_sizes=paper_sizes, seed=seed,
-                                    max_epochs=max_epochs, patience=patience, threads=0)  # the global --threads
-        typer.echo(probes.format_probe_table(probes.run(run, config)))
+        config = ProbeConfig(offset=offset, regress=regress, paper_sizes=paper_sizes, seed=seed,
+                             max_epochs=max_epochs, patience=patience, threads=0)  # the global --threads
+        typer.echo(probe_table.format_probe_table(probe_table.run(run, config)))
         typer.echo(str(run.path))

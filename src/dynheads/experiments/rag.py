@@ -23,7 +23,8 @@ from dynheads.files import fingerprint, resolved
 from dynheads.heads import HeadLayout
 from dynheads.models import LoadedModel
 from dynheads.rag import loop
-from dynheads.rag.heads import HeadRegressor, build_strategy, fit_regressor, strategies
+from dynheads.experiments.probes import Probe
+from dynheads.rag.heads import build_strategy, fit_regressor, strategies
 from dynheads.rag.modes import N_PASSAGES, retrieval_modes
 from dynheads.rag.retrievers import QUERY_WORDS, HeadWindowRetriever
 from dynheads.rag.trigger import RindTrigger
@@ -206,7 +207,7 @@ def load_ranking(path: str | None, layout: HeadLayout, question_ids: set[str]) -
 
 
 def load_regressor(path: str | None, layout: HeadLayout, question_ids: set[str], seed: int = 0,
-                   trained: Path | None = None) -> tuple[HeadRegressor, dict[str, Any]]:
+                   trained: Path | None = None) -> tuple[Probe, dict[str, Any]]:
     """The dynamic strategy's regressor: a saved .pt, or one trained on a separate multihop run folder.
 
     `trained`: a regressor this run already trained from the same folder (reused on resume).
@@ -215,11 +216,11 @@ def load_regressor(path: str | None, layout: HeadLayout, question_ids: set[str],
         raise ConfigError("strategy 'dynamic' needs --regressor (a saved regressor .pt or a multihop run folder)")
     p = Path(path).expanduser()
     if p.is_dir() and trained is not None:
-        reg = HeadRegressor.load(trained)
+        reg = Probe.load(trained)
         if reg.meta.get("run") == str(p):
             return reg, {"kind": "run", "path": str(p), **{k: v for k, v in reg.meta.items() if k != "sample_ids"}}
     if p.is_file():
-        reg = HeadRegressor.load(p)
+        reg = Probe.load(p)
         _check_disjoint(set(reg.meta.get("sample_ids", [])), question_ids, p, "regressor")
         return reg, {"kind": "file", "path": str(p), **{k: v for k, v in reg.meta.items() if k != "sample_ids"}}
     run = _detection_run(p, layout, question_ids, "regressor")
@@ -228,7 +229,8 @@ def load_regressor(path: str | None, layout: HeadLayout, question_ids: set[str],
     if len(np.unique(sample_ids)) < 2:
         raise ConfigError(f"regressor run {p} needs at least 2 finished samples to hold one out for validation")
     meta = {"run": str(p), "score": run.config["score"]["name"], "sample_ids": sorted(set(sample_ids.tolist()))}
-    reg = fit_regressor(records.hidden(), records.array("score"), sample_ids, np.random.default_rng(seed), meta)
+    reg = fit_regressor(records.hidden(), records.array("score"), sample_ids, np.random.default_rng(seed), meta,
+                        steps=records.step)
     return reg, {"kind": "run", "path": str(p), **{k: v for k, v in reg.meta.items() if k != "sample_ids"}}
 
 

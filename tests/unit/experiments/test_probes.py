@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from dynheads.errors import ConfigError, DataError
-from dynheads.experiments import probes
-from dynheads.experiments.probes import ProbeConfig, asymmetric_loss, build_mlp, format_probe_table, probe_heads
+from dynheads.experiments import probe_baselines, probe_table, probes
+from dynheads.experiments.probe_table import format_probe_table, probe_heads
+from dynheads.experiments.probes import Probe, ProbeConfig, asymmetric_loss, build_mlp, fit_probe
 from dynheads.runs import RunDir
 
 S, T, D, L, H = 60, 30, 16, 2, 4  # samples, steps per sample, hidden size, layers, heads
-FAST = ProbeConfig(max_epochs=30, lr=3e-3, n_boot=500)  # a larger lr than the paper's so 30 epochs suffice
+# a larger lr than the paper's so 30 epochs suffice; 0.5: the copy_paste score's registered threshold
+FAST = ProbeConfig(max_epochs=30, lr=3e-3, n_boot=500, active_threshold=0.5)
 
 
 def _ids(n=S, t=T):
@@ -66,7 +68,8 @@ def test_probe_recovers_a_planted_relation_and_beats_every_baseline():
     assert m["probe"]["f1"] > m["frequency prior"]["f1"] + 0.15  # observed 0.79 vs 0.55
     assert m["probe"]["auprc"] > 0.75
     assert res.beats_all_baselines and all(g.excludes_zero for g in res.gaps.values())
-    assert set(res.gaps) == {"linear probe", "shuffled-label probe", "frequency prior", "position", "copy last set"}
+    assert set(res.gaps) == {"linear probe", "shuffled-label probe", "frequency prior", "position", "copy step",
+                             "copy last set"}
     assert res.n_samples == {"train": 42, "val": 12, "test": 6} and res.hidden_sizes == [2 * D, D, D]
     assert res.training["probe"]["epochs"] <= FAST.max_epochs
     table = format_probe_table(res)
@@ -107,15 +110,17 @@ def test_regressor_recovers_continuous_scores():
     cfg = replace(FAST, regress=True, max_epochs=60)
     res = probe_heads(hidden, scores, *_ids(), cfg, np.random.default_rng(1))
     m = _by_name(res)
-    assert set(m) == {"probe", "ridge", "frequency prior", "position", "copy last set"}
+    assert set(m) == {"probe", "ridge", "shuffled-label probe", "frequency prior", "position", "copy step",
+                      "copy last set"}
+    assert m["shuffled-label probe"]["r2"] < 0.1 < m["probe"]["r2"] - 0.5  # shuffled labels carry nothing
     assert m["probe"]["r2"] > 0.6 and m["ridge"]["r2"] < 0.2  # observed 0.73 and −0.01: |w·h| is not linear
     assert m["probe"]["mse"] < m["frequency prior"]["mse"] / 2
     assert res.beats_all_baselines and res.gap_metric == "variance-weighted R2"
     assert "paper llama3.1-8b" in format_probe_table(res) and "0.8120" in format_probe_table(res)
 
 
-def _write_run(tmp_path, hidden, scores, n_samples, with_hidden=True):
-    run = RunDir.create(tmp_path / "run", {"task": "synthetic", "score": "copy_paste"})
+def _write_run(tmp_path, hidden, scores, n_samples, with_hidden=True, score="copy_paste"):
+    run = RunDir.create(tmp_path / "run", {"task": "synthetic", "score": {"name": score, "args": {}}})
     for i in range(n_samples):
         rows = slice(i * T, (i + 1) * T)
         arrays = {"token_id": np.arange(T), "score": scores[rows].astype(np.float32)}
@@ -129,13 +134,14 @@ def test_run_writes_the_result_file(tmp_path):
     hidden, scores = _planted()
     run = _write_run(tmp_path, hidden, scores, 12)
     cfg = ProbeConfig(max_epochs=2, n_boot=50, shuffled_baseline=False)
-    res = probes.run(RunDir.open(run.path), cfg)
+    res = probe_table.run(RunDir.open(run.path), cfg)
     text = (run.path / "results" / "probe_k0.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     stored = json.loads(text)
     assert stored["predictors"][0]["name"] == "probe" and stored["offset"] == 0
     assert stored["predictors"][0]["metrics"]["f1"] == pytest.approx(res.predictors[0].metrics["f1"])
     assert stored["config"]["split"] == [0.7, 0.2, 0.1]
+    assert stored["config"]["active_threshold"] == 0.5  # the copy_paste score's registered threshold
 
 
 def test_bad_input_raises_one_line_errors(tmp_path):
@@ -146,10 +152,12 @@ def test_bad_input_raises_one_line_errors(tmp_path):
         probe_heads(hidden[few], scores[few], ids[few], steps[few], FAST, np.random.default_rng(1))
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match=f"offset {T}"):
-        probe_heads(hidden, scores, ids, steps, ProbeConfig(offset=T), np.random.default_rng(1))
+        probe_heads(hidden, scores, ids, steps, ProbeConfig(offset=T, active_threshold=0.5), np.random.default_rng(1))
+    with pytest.raises(ConfigError, match="active_threshold"):
+        probe_heads(hidden, scores, ids, steps, ProbeConfig(), np.random.default_rng(1))
     run = _write_run(tmp_path, hidden, scores, 10, with_hidden=False)
     with pytest.raises(DataError, match="hidden"):
-        probes.run(RunDir.open(run.path), FAST)
+        probe_table.run(RunDir.open(run.path), FAST)
     with pytest.raises(ConfigError):
         ProbeConfig(split=(0.5, 0.2, 0.1))
     with pytest.raises(ConfigError, match="activation"):
@@ -171,3 +179,56 @@ def test_probe_command_prints_the_table_then_the_run_folder(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert lines[-1] == str(run.path) and lines[0].startswith("Table 3")
     assert json.loads((run.path / "results" / "probe_regress_k1.json").read_text())["offset"] == 1
+
+
+def test_copy_step_baseline_knows_when_but_not_which():
+    # 4 training pairs: steps 0, 2 copy (heads {0} and {0, 1} active), steps 1, 3 do not
+    y = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]], np.float32)
+    copy_step = y.any(axis=1)
+    tr = np.array([True, True, True, True, False, False])
+    pred = probe_baselines.copy_step_rate(copy_step, y, tr)
+    # rows 4 (a copy step) and 5 (not) get the training rates of their kind: copy [1, 0.5, 0], other [0, 0, 0]
+    np.testing.assert_allclose(pred[4], [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(pred[5], [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(probe_baselines.frequency_prior(y, tr)[5], [0.5, 0.25, 0.0])
+    only_copies = probe_baselines.copy_step_rate(copy_step, y, tr & copy_step)  # no non-copy step in train
+    np.testing.assert_allclose(only_copies[5], [1.0, 0.5, 0.0])  # falls back to the prior
+
+
+def test_labels_use_the_runs_registered_threshold_with_a_strict_comparison(tmp_path):
+    hidden, scores = _planted(continuous=True)
+    scores = np.where(scores > 0.5, 0.1, 0.3 * scores).astype(np.float32)  # 0.1 exactly is not "exceeds"
+    run = _write_run(tmp_path, hidden, scores, 12, score="reasoning")
+    res = probe_table.run(RunDir.open(run.path), ProbeConfig(max_epochs=1, n_boot=20, shuffled_baseline=False))
+    assert res.config.active_threshold == 0.1  # Eq. 2's registered threshold, not 0.5
+    assert probes.probe_targets(np.array([[0.1, 0.1001, 0.5]]), res.config).tolist() == [[0, 1, 1]]
+    other = RunDir.create(tmp_path / "plain", {"kind": "niah"})
+    with pytest.raises(DataError, match="names no head score"):
+        probe_table.score_threshold(other)
+
+
+def test_fit_probe_predicts_saves_and_loads_at_an_offset(tmp_path):
+    hidden, scores = _planted(k=1)
+    ids, steps = _ids()
+    cfg = replace(FAST, offset=1, hidden_sizes=(32,))
+    probe = fit_probe(hidden, scores, ids, steps, cfg, np.random.default_rng(0), meta={"run": "synthetic"})
+    assert probe.task == "classify" and probe.offset == 1 and probe.label_threshold == 0.5 and probe.shape == (L, H)
+    assert 0 < probe.decision_threshold < 1 and probe.meta["run"] == "synthetic"
+    pred = probe.predict(hidden)
+    assert pred.shape == (S * T, L, H) and probe.predict(hidden[3]).shape == (L, H) and ((0 <= pred) & (pred <= 1)).all()
+    # the state at step n predicts the heads of step n + 1 (planted), far better than chance
+    target = scores.reshape(S, T, -1)[:, 1:].reshape(-1) > 0.5
+    guess = pred.reshape(S, T, -1)[:, :-1].reshape(-1) >= probe.decision_threshold
+    assert (guess == target).mean() > 0.8
+    path = probe.save(tmp_path / "p.pt")
+    assert json.loads((tmp_path / "p.pt.json").read_text())["shape"] == [L, H]
+    loaded = Probe.load(path)
+    np.testing.assert_allclose(loaded.predict(hidden[:5]), probe.predict(hidden[:5]), rtol=1e-6)
+    assert (loaded.offset, loaded.decision_threshold, loaded.meta) == (1, probe.decision_threshold, probe.meta)
+    linear = fit_probe(hidden, scores, ids, steps, cfg, np.random.default_rng(0), linear=True)
+    assert linear.arch["sizes"] == [] and sum(isinstance(m, torch.nn.Linear) for m in linear.model) == 1
+    (tmp_path / "bad.pt").write_bytes(b"not torch")
+    with pytest.raises(ConfigError, match="not a saved dynheads probe"):
+        Probe.load(tmp_path / "bad.pt")
+    with pytest.raises(DataError, match="at least 2 samples"):
+        fit_probe(hidden[:T], scores[:T], ids[:T], steps[:T], cfg)

@@ -10,7 +10,8 @@ from conftest import make_tiny_lm
 from dynheads.errors import ConfigError
 from dynheads.experiments.probes import ProbeConfig
 from dynheads.rag import loop
-from dynheads.rag.heads import HeadRegressor, HeadStrategy, build_strategy, fit_regressor, top_n
+from dynheads.experiments.probes import Probe
+from dynheads.rag.heads import HeadStrategy, build_strategy, fit_regressor, top_n
 from dynheads.rag.modes import ContextWindows
 from dynheads.rag.trigger import NeverTrigger, RindTrigger, TriggerDecision
 from dynheads.tasks.base import EncodedSample, PromptFormat, Sample
@@ -151,7 +152,7 @@ def test_dynamic_strategy_uses_the_regressor_and_it_round_trips(tmp_path):
     reg = fit_regressor(hidden, scores, ids, np.random.default_rng(1), {"sample_ids": ["s0"]}, config)
     pred = reg.predict(hidden)
     assert pred.shape == (300, 2, 4) and np.corrcoef(pred.ravel(), scores.ravel())[0, 1] > 0.9
-    loaded = HeadRegressor.load(reg.save(tmp_path / "r.pt"))
+    loaded = Probe.load(reg.save(tmp_path / "r.pt"))
     np.testing.assert_allclose(loaded.predict(hidden[0]), reg.predict(hidden[0]), rtol=1e-6)
     assert loaded.meta["sample_ids"] == ["s0"] and loaded.shape == (2, 4)
     pick = build_strategy("dynamic", regressor=loaded, shape=(2, 4)).start(np.random.default_rng(0))
@@ -164,5 +165,5 @@ def test_dynamic_strategy_uses_the_regressor_and_it_round_trips(tmp_path):
     with pytest.raises(ConfigError, match="unknown head strategy"):
         build_strategy("oracle")
     (tmp_path / "bad.pt").write_bytes(b"not torch")
-    with pytest.raises(ConfigError, match="not a dynheads regressor"):
-        HeadRegressor.load(tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match="not a saved dynheads probe"):
+        Probe.load(tmp_path / "bad.pt")
