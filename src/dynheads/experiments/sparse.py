@@ -93,7 +93,7 @@ def sparse_sample(tracer: Tracer, encoded: EncodedSample, config: SparseConfig, 
               for t, o in enumerate(opened)]
         response = tracer.lm.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
         scores = metric(response, encoded.sample)
-        scores.setdefault("rouge_l", rouge_l(response, encoded.sample.answer))
+        scores.setdefault("rouge_l", max(rouge_l(response, a) for a in encoded.sample.answers))
         arrays[f"{cond}__token_id"] = np.asarray(trace.token_ids, np.int64)
         arrays[f"{cond}__open"] = opened
         results[cond] = {"response": response, "n_steps": len(trace.token_ids), **scores,
