@@ -92,10 +92,11 @@ def sparse_attention(stock: Callable, module, query, key, value, attention_mask,
             kv, mod = heads[::groups] // groups, module
         else:
             kv, mod = heads // groups, _OneQueryHeadPerKV(module)
-        k, v, mask = key[:, kv], value[:, kv], attention_mask
-        if columns is not None:
+        k, v, mask = key, value, attention_mask
+        if columns is not None:  # gather the S + W columns first, so no closed head's full cache is copied
             k, v = k[:, :, columns], v[:, :, columns]
             mask = None if mask is None else mask[..., :n_keys][..., columns]
+        k, v = k[:, kv], v[:, kv]
         if mask is not None and mask.shape[1] > 1:
             mask = mask[:, heads]
         part, _ = stock(mod, query[:, heads], k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
