@@ -13,7 +13,6 @@ Usage: python bench/sparse_decoding.py [--lengths 1000,2000,4000,8000] [--new-to
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_times, niah_prompt, peak_growth_in_child, plain_generate, report_child_growth  # noqa: E402
+from common import bench_arguments, median_times, niah_prompt, peak_growth_in_child, plain_generate, report_child_growth  # noqa: E402
 
 from dynheads.models import load_model  # noqa: E402
 from dynheads.tracing.sparse import Sparsity  # noqa: E402
@@ -46,13 +45,8 @@ def whole(lm, tracer, enc, new_tokens, k):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="1000,2000,4000,8000")
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap = bench_arguments("head-sparse vs plain generation")
     ap.add_argument("--k", type=int, default=8, help="KV heads open per step (of layers × KV heads)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--child", nargs=2, metavar=("CONDITION", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("default")

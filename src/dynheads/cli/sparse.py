@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dynheads.cli.trace import parse_floats, parse_ints, parse_list
+from dynheads.cli.trace import check_niah, parse_floats, parse_ints, parse_list
 
 
 def register(app: typer.Typer) -> None:
@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
         budgets: str = typer.Option("1,2,4,8,16", help="heads (units) opened per step, over all layers"),
         detection: Path = typer.Option(..., help="traced run folder of OTHER samples (`dynheads niah`/`multihop`): "
                                        "static ranking and the predicted policy's training data"),
-        static_ranking: Optional[str] = typer.Option(None, help="head_score JSON or run folder overriding the "
-                                                     "detection run's static ranking"),
+        static_ranking: Optional[str] = typer.Option(None, help="head_score JSON, DuoAttention .tsv or run "
+                                                     "folder overriding the detection run's static ranking"),
         sink: int = typer.Option(16, help="first keys a closed head reads (DuoAttention deploys 64)"),
         recent: int = typer.Option(64, help="last keys a closed head reads, the new token included (DuoAttention: 256)"),
         unit: str = typer.Option("kv", help="what a policy opens: kv (a GQA group) or query (one query head)"),
@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         samples_per_cell: int = typer.Option(2, help="NIAH: samples per (length, depth) cell"),
         haystack: Optional[str] = typer.Option(None, help="NIAH: folder of .txt files (default: CPython docs prose)"),
         needles: Optional[str] = typer.Option(None, help="NIAH: Retrieval_Head-style needle JSONL (default: UUID)"),
+        num_needles: int = typer.Option(1, help="NIAH: needles per prompt (RULER-style multi-needle when ≥ 2)"),
+        mode: Optional[str] = typer.Option(None, help="NIAH with --num-needles ≥ 2: multikey (default) or multivalue"),
         data: Optional[Path] = typer.Option(None, help="multi-hop QA file instead of NIAH (as `dynheads multihop`)"),
         limit: Optional[int] = typer.Option(100, help="multi-hop: samples"),
         max_new_tokens: int = typer.Option(48),
@@ -56,13 +58,15 @@ def register(app: typer.Typer) -> None:
 
         trace = TraceConfig(max_new_tokens=max_new_tokens)
         if data is None:
-            from dynheads.cli.ablation import _check_grid
-            from dynheads.tasks.niah import NiahConfig, niah_samples, score_response
+            from dynheads.experiments.trace import niah_inputs
+            from dynheads.tasks.multineedle import niah_config
+            from dynheads.tasks.niah import niah_samples, score_response
 
-            # multi-needle NIAH: pass --num-needles / --mode into NiahConfig here once it has them
-            niah = NiahConfig(parse_ints(lengths, "lengths"), parse_floats(depths, "depths"), samples_per_cell,
-                              haystack, needles, seed)
-            _check_grid(niah)
+            niah = niah_config(num_needles, mode, lengths=parse_ints(lengths, "lengths"),
+                               depths=parse_floats(depths, "depths"), samples_per_cell=samples_per_cell,
+                               haystack=haystack, needles=needles, seed=seed)
+            check_niah(niah, out)
+            niah = niah_inputs(niah)[0]  # resolved paths, as the detection run stores them
             lm = load_model(model, dtype=dtype, device=device)
             samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
             run, result = run_sparse(lm, samples, _asdict(niah), config, out, score_response,
