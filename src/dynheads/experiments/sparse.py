@@ -9,7 +9,7 @@ and a figure of accuracy against KV read fraction.
 The detection run (a traced run folder of *other* samples, with hidden states) gives the static
 ranking (its head score's activation frequency, as `dynheads ablate --static-ranking`) and the
 training data of the `predicted` policy's probe: hidden state at step n → active heads at n + 1
-(probes.fit_probe, offset 1, the run's score threshold), saved as <out>/predictor.pt so a resumed
+(probes.fit_probe, offset 1, activity by the run's registered score), saved as <out>/predictor.pt so a resumed
 run reuses it. A detection run that shares a sample with the evaluated ones is refused.
 """
 from __future__ import annotations
@@ -193,8 +193,11 @@ def _predictor(detection: RunDir, score, path: Path, seed: int):
     if path.exists():
         return Probe.load(path)
     records = detection.read_records()
-    config = ProbeConfig(offset=1, active_threshold=score.threshold, seed=seed)
-    probe = fit_probe(records.hidden(), records.array("score"), records.sample_ids, records.step, config,
+    # labels = the score's own activity rule (score.active), as 0/1 with threshold 0.5, so the probe's
+    # "score > threshold" matches it whatever comparison the registered score uses
+    active = score.active(records.array("score")).astype(np.float32)
+    config = ProbeConfig(offset=1, active_threshold=0.5, seed=seed)
+    probe = fit_probe(records.hidden(), active, records.sample_ids, records.step, config,
                       np.random.default_rng(seed), meta={"detection": str(detection.path)})
     probe.save(path)
     return probe
