@@ -35,6 +35,7 @@ report: setup
 bench: setup
 	$(PY) bench/trace_overhead.py
 	$(PY) bench/ablation_overhead.py
+	$(PY) bench/sparse_decoding.py
 
 clean:
 	rm -rf runs

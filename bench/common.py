@@ -53,3 +53,16 @@ def report_child_growth(fn: Callable[[], object]) -> None:
     fn()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(json.dumps({"growth": max(peak - before, 0), "before": before}))
+
+
+def bench_arguments(description: str = ""):
+    """The flags every benchmark takes: --lengths, --new-tokens, --repeats, --threads (and the hidden --child)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--lengths", default="1000,2000,4000,8000")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--child", nargs=2, metavar=("CONDITION", "LENGTH"), help=argparse.SUPPRESS)
+    return ap

@@ -6,6 +6,7 @@ Public Python API (the CLI is a thin layer over these):
   trace_generation(model, tok, prompt, needle=...)   one call → (Trace, record arrays)
   NiahConfig, niah_samples            the NIAH task; run_niah(lm, cfg, out) traces a sweep into a run folder
   RunDir, load_records                run folders and their per-step records
+  Sparsity                            head-sparse decoding: Tracer.generate(state, heads=policy, sparsity=...)
   dynamism                            Table 1 statistics (experiments.dynamism)
 
 Names are imported on first use (PEP 562), so `import dynheads` and the CLI's --help, `list` and
@@ -28,6 +29,7 @@ _LAZY = {
     "RunDir": "dynheads.runs",
     "NiahConfig": "dynheads.tasks.niah",
     "niah_samples": "dynheads.tasks.niah",
+    "Sparsity": "dynheads.tracing.sparse",
     "Trace": "dynheads.tracing.tracer",
     "TraceConfig": "dynheads.tracing.tracer",
     "Tracer": "dynheads.tracing.tracer",

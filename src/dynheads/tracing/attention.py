@@ -17,9 +17,10 @@ A term that the stock implementation would silently ignore (attention sinks unde
 cannot be reproduced, is refused with one `ModelError` line at the first forward call, i.e. during
 the prefill and before any token is generated.
 
-The same function applies head ablations (to the newest row's per-head output) and key
-visibility masks (in-context RAG). State reaches it through an attribute set on each module by
-`tracing()`, never through a module-level variable.
+The same function applies head ablations (to the newest row's per-head output), key
+visibility masks (in-context RAG) and head-sparse decoding (sparse.py: closed heads attend over
+gathered sinks + recent keys; no row is recorded in such a call). State reaches it through an
+attribute set on each module by `tracing()`, never through a module-level variable.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dynheads.errors import ModelError
+from dynheads.tracing.sparse import Sparsity, sparse_attention
 
 NAME_PREFIX = "dynheads_"  # registered as dynheads_<stock>: the mask builder must be the stock one's
 _HOOK_ATTR = "_dynheads_hooks"
@@ -63,6 +65,8 @@ class StepHooks:
     head_mask: torch.Tensor | None = None  # bool [layers, heads]: heads to ablate at the newest row
     ablation: AblationFn | None = None
     hidden_keys: torch.Tensor | None = None  # bool [seq_len]: keys no query of this call may see
+    open_heads: torch.Tensor | None = None  # bool [layers, units]: head-sparse decoding, heads that read all keys
+    sparsity: Sparsity | None = None  # what closed heads read (with open_heads)
     captured: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> newest row [heads, S] fp32
     stock: str = "sdpa"  # the model's own attention implementation (set by `tracing()`)
     layers_seen: set[int] = field(default_factory=set)  # layers whose attention went through us
@@ -80,6 +84,13 @@ def traced_attention(module, query, key, value, attention_mask, scaling=None, dr
     if hooks.hidden_keys is not None:
         attention_mask = _with_hidden_keys(attention_mask, hooks, query, key.shape[-2])
     stock = _stock_function(module, hooks.stock)
+    if hooks.open_heads is not None:
+        if hooks.stock.startswith("flash"):
+            raise ModelError("head-sparse decoding needs eager or sdpa attention, not flash")
+        sparse = sparse_attention(stock, module, query, key, value, attention_mask, hooks.open_heads[layer],
+                                  hooks.sparsity, scaling, dropout, kwargs)
+        if sparse is not None:
+            return sparse
     wants_row = hooks.record or hooks.head_mask is not None
     out, weights = stock(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if not wants_row:

@@ -9,6 +9,10 @@ the same prefill: `generate(..., fork=True)` crops the KV cache back when it ret
 Per step, an optional intervention sees the clean step and returns heads to ablate; the step is
 then recomputed with those heads masked (cache cropped by one and the token re-fed) and the
 masked pass's token is kept, so later steps see its keys and values.
+
+Head-sparse decoding (`heads=`, sparse.py) runs in the same loop: before each step a policy opens
+some heads (all others read only sinks + recent keys); a policy that needs the step's own full pass
+(the oracle) gets it first, and the step is then recomputed sparse the same way (crop by one).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dynheads.errors import ModelError
 from dynheads.interventions.methods import ablations
 from dynheads.models import LoadedModel, end_of_turn_ids
 from dynheads.tracing.attention import StepHooks, reduce_rows, tracing
+from dynheads.tracing.sparse import Sparsity
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class TraceConfig:
     local_window: int = 32  # Eq. 2: most recent positions left out of the denominator (paper silent)
     mass_spans: tuple[str, ...] = ("needle",)  # named spans whose attention mass is recorded
     row_spans: tuple[str, ...] = ()  # named spans whose per-position weights are recorded
+    record_rows: bool = True  # reduce every head's newest attention row; False skips that O(context) work
 
 
 @dataclass
@@ -64,6 +70,9 @@ class DecodeState:
 
 # Gets the clean step and returns bool [layers, heads] (heads to ablate) or None.
 Intervention = Callable[[StepView], "np.ndarray | None"]
+# Gets (step t, the previous kept step or None, step t's full pass or None) and returns
+# bool [layers, units]: the heads that read every key at step t (head-sparse decoding).
+HeadPolicy = Callable[[int, "StepView | None", "StepView | None"], np.ndarray]
 
 
 @dataclass
@@ -74,6 +83,7 @@ class Trace:
     stop_id: int | None
     clean: list[StepView] | None = None
     masks: list[np.ndarray] | None = None
+    open_heads: list[np.ndarray] | None = None  # head-sparse decoding: bool [layers, units] per kept step
     shape: tuple[int, int] = (0, 0)  # (layers, heads)
 
     @property
@@ -127,18 +137,35 @@ class Tracer:
     # --- decoding ----------------------------------------------------------------------
     def generate(self, state: DecodeState, *, max_new_tokens: int | None = None,
                  intervention: Intervention | None = None, ablation: str = "zero",
-                 stop: Callable[[list[int]], bool] | None = None, fork: bool = True) -> Trace:
-        """Greedy decoding from `state`; with fork=True the state is restored afterwards."""
+                 stop: Callable[[list[int]], bool] | None = None, fork: bool = True,
+                 heads: HeadPolicy | None = None, sparsity: Sparsity = Sparsity(), full_pass_first: bool = False
+                 ) -> Trace:
+        """Greedy decoding from `state`; with fork=True the state is restored afterwards.
+
+        heads: head-sparse decoding with this policy (needs TraceConfig(record_rows=False): a sparse
+        step records no rows); full_pass_first shows the policy step t's full pass before it decides.
+        """
         limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if heads is not None and (intervention is not None or self.config.record_rows):
+            raise ModelError("head-sparse decoding takes no intervention and needs TraceConfig(record_rows=False)")
         start_ids = len(state.ids)
         ablate_fn = ablations.get(ablation)
         kept: list[StepView] = []
         clean_steps: list[StepView] = []
         masks: list[np.ndarray] = []
+        opened: list[np.ndarray] = []
         stop_id = None
         with self._recording(state) as run_step:
             for t in range(limit):
-                view = run_step(t, None, ablate_fn)
+                if heads is None:
+                    view = run_step(t, None, ablate_fn)
+                else:
+                    full = None
+                    if full_pass_first:
+                        full = run_step(t, None, ablate_fn, record=True)
+                        state.cache.crop(-1)
+                    opened.append(np.asarray(heads(t, kept[-1] if kept else None, full), bool))
+                    view = run_step(t, None, ablate_fn, open_heads=(opened[-1], sparsity))
                 if intervention is not None:
                     mask = intervention(view)
                     mask = np.zeros(self.lm.layout.shape, bool) if mask is None else np.asarray(mask, bool)
@@ -157,7 +184,7 @@ class Tracer:
         if intervention is not None and stop_id is not None:
             clean_steps.pop(), masks.pop()  # the stop step is not an answer token
         trace = Trace(kept, stop_id, clean_steps if intervention else None, masks if intervention else None,
-                      self.lm.layout.shape)
+                      opened[:len(kept)] if heads is not None else None, self.lm.layout.shape)
         if fork:
             self.rewind(state, start_ids)
         return trace
@@ -181,7 +208,7 @@ class Tracer:
     @contextlib.contextmanager
     def _recording(self, state: DecodeState) -> Iterator[Callable]:
         cfg, model = self.config, self.lm.model
-        hooks = StepHooks(record=True, topk=cfg.topk, sink_tokens=cfg.sink_tokens, local_window=cfg.local_window)
+        hooks = StepHooks(record=cfg.record_rows, topk=cfg.topk, sink_tokens=cfg.sink_tokens, local_window=cfg.local_window)
         hooks.spans = {n: state.spans[n] for n in cfg.mass_spans if n in state.spans}
         hooks.row_spans = {n: [p for s, e in state.spans[n] for p in range(s, e)]
                            for n in cfg.row_spans if n in state.spans}
@@ -191,22 +218,26 @@ class Tracer:
             lm_head = model.get_output_embeddings()
             handle = lm_head.register_forward_pre_hook(lambda _m, args: captured_hidden.append(args[0][0, -1]))
 
-        def run_step(t: int, mask: np.ndarray | None, ablate_fn) -> StepView:
+        def run_step(t: int, mask: np.ndarray | None, ablate_fn, record: bool = cfg.record_rows,
+                     open_heads: tuple[np.ndarray, Sparsity] | None = None) -> StepView:
             seq_len = state.cache.get_seq_length() + 1
-            hooks.seq_len, hooks.captured = seq_len, {}
+            hooks.seq_len, hooks.captured, hooks.record = seq_len, {}, record and open_heads is None
+            hooks.open_heads = None if open_heads is None else torch.from_numpy(open_heads[0])
+            hooks.sparsity = None if open_heads is None else open_heads[1]
             hooks.head_mask = None if mask is None else torch.from_numpy(mask)
             hooks.ablation = ablate_fn
             hooks.hidden_keys = _as_mask(state.hidden_keys, seq_len)
             captured_hidden.clear()
             out = model(input_ids=torch.tensor([[state.ids[seq_len - 1]]], device=self.device),
                         cache=state.cache, use_cache=True, logits_to_keep=1)
-            if len(hooks.captured) != self.lm.layout.n_layers:
-                self._check_coverage(set(hooks.captured))
             logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             token = int(logp.argmax())
-            arrays = {name: value.cpu().numpy() for name, value in reduce_rows(hooks, self.lm.layout.n_layers).items()}
-            ids = np.asarray(state.ids[:seq_len])
-            arrays["top1_token"] = ids[arrays["top1_pos"]]
+            arrays = {}
+            if hooks.record:
+                if len(hooks.captured) != self.lm.layout.n_layers:
+                    self._check_coverage(set(hooks.captured))
+                arrays = {name: value.cpu().numpy() for name, value in reduce_rows(hooks, self.lm.layout.n_layers).items()}
+                arrays["top1_token"] = np.asarray(state.ids[:seq_len])[arrays["top1_pos"]]
             hidden = captured_hidden[-1].float().cpu().numpy() if captured_hidden else None
             entropy = float(-(logp.exp() * logp).sum())
             return StepView(t, token, entropy, float(logp[token]), arrays, hidden)

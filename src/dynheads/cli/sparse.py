@@ -1,0 +1,91 @@
+"""`dynheads sparse`: head-sparse decoding under head policies at equal budgets, on NIAH or multi-hop QA."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dynheads.cli.trace import check_niah, parse_floats, parse_ints, parse_list
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def sparse(
+        model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
+        policies: str = typer.Option("full,streaming,static,random,oracle,predicted",
+                                     help="head policies: full, streaming, static, random, oracle, predicted"),
+        budgets: str = typer.Option("1,2,4,8,16", help="heads (units) opened per step, over all layers"),
+        detection: Path = typer.Option(..., help="traced run folder of OTHER samples (`dynheads niah`/`multihop`): "
+                                       "static ranking and the predicted policy's training data"),
+        static_ranking: Optional[str] = typer.Option(None, help="head_score JSON, DuoAttention .tsv or run "
+                                                     "folder overriding the detection run's static ranking"),
+        sink: int = typer.Option(16, help="first keys a closed head reads (DuoAttention deploys 64)"),
+        recent: int = typer.Option(64, help="last keys a closed head reads, the new token included (DuoAttention: 256)"),
+        unit: str = typer.Option("kv", help="what a policy opens: kv (a GQA group) or query (one query head)"),
+        lengths: str = typer.Option("1000,2000", help="NIAH: whole-prompt lengths in tokens"),
+        depths: str = typer.Option("0,25,50,75,100", help="NIAH: needle depths in percent"),
+        samples_per_cell: int = typer.Option(2, help="NIAH: samples per (length, depth) cell"),
+        haystack: Optional[str] = typer.Option(None, help="NIAH: folder of .txt files (default: CPython docs prose)"),
+        needles: Optional[str] = typer.Option(None, help="NIAH: Retrieval_Head-style needle JSONL (default: UUID)"),
+        num_needles: int = typer.Option(1, help="NIAH: needles per prompt (RULER-style multi-needle when ≥ 2)"),
+        mode: Optional[str] = typer.Option(None, help="NIAH with --num-needles ≥ 2: multikey (default) or multivalue"),
+        data: Optional[Path] = typer.Option(None, help="multi-hop QA file instead of NIAH (as `dynheads multihop`)"),
+        limit: Optional[int] = typer.Option(100, help="multi-hop: samples"),
+        max_new_tokens: int = typer.Option(48),
+        n_boot: int = typer.Option(2000, help="bootstrap resamples over samples"),
+        seed: int = typer.Option(0),
+        dtype: str = typer.Option("float32"),
+        device: str = typer.Option("cpu"),
+        out: Path = typer.Option(..., help="run folder (resumes when it exists with the same config)"),
+        quiet: bool = typer.Option(False),
+    ):
+        """Head-sparse decoding: accuracy and KV read of each head policy at equal budget (predicted vs static)."""
+        from dynheads.experiments.sparse import SparseConfig
+        from dynheads.tracing.sparse import Sparsity
+
+        config = SparseConfig(str(detection), parse_list(policies, "policies", str), parse_ints(budgets, "budgets"),
+                              Sparsity(sink, recent, unit), static_ranking, n_boot, seed)
+        if not detection.is_dir():
+            from dynheads.errors import ConfigError
+
+            raise ConfigError(f"detection run {detection} is not a folder")
+        from dynheads.experiments.sparse import run_sparse
+        from dynheads.models import load_model
+        from dynheads.report.sparse_figures import sparse_table
+        from dynheads.tasks.base import encode
+        from dynheads.tracing.tracer import TraceConfig
+
+        trace = TraceConfig(max_new_tokens=max_new_tokens)
+        if data is None:
+            from dynheads.experiments.trace import niah_inputs
+            from dynheads.tasks.multineedle import niah_config
+            from dynheads.tasks.niah import niah_samples, score_response
+
+            niah = niah_config(num_needles, mode, lengths=parse_ints(lengths, "lengths"),
+                               depths=parse_floats(depths, "depths"), samples_per_cell=samples_per_cell,
+                               haystack=haystack, needles=needles, seed=seed)
+            check_niah(niah, out)
+            niah = niah_inputs(niah)[0]  # resolved paths, as the detection run stores them
+            lm = load_model(model, dtype=dtype, device=device)
+            samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
+            run, result = run_sparse(lm, samples, _asdict(niah), config, out, score_response,
+                                     niah, trace, quiet)
+        else:
+            from dynheads.experiments.trace import MultihopConfig, load_questions, score_answer
+
+            task = MultihopConfig(str(data), limit)
+            loaded = load_questions(task)  # bad input fails before the model loads
+            lm = load_model(model, dtype=dtype, device=device)
+            samples = [encode(s, lm.tokenizer) for s in loaded]
+            run, result = run_sparse(lm, samples, _asdict(task), config, out, score_answer,
+                                     None, trace, quiet)
+        typer.echo(sparse_table(result))
+        typer.echo(f"figure: {run.figure_path('sparse_accuracy_vs_kv')}")
+        typer.echo(str(run.path))
+
+
+def _asdict(obj) -> dict:
+    from dataclasses import asdict
+
+    return asdict(obj)

@@ -1,0 +1,215 @@
+"""Head-sparse decoding at equal budget: does opening the *predicted* heads beat a static set?
+
+Every sample is prefilled once; each policy × budget forks that prefill (tracer `heads=`), so the
+prompt is never re-run. Per condition: the answer metrics, and the KV read per step as a fraction of
+the full cache (closed units still read their S + W keys; sparse.py `Sparsity.kv_read`). Summary:
+bootstrap 95% intervals over samples, paired tests of `predicted` against `static` at each budget,
+and a figure of accuracy against KV read fraction.
+
+The detection run (a traced run folder of *other* samples, with hidden states) gives the static
+ranking (its head score's activation frequency, as `dynheads ablate --static-ranking`) and the
+training data of the `predicted` policy's probe: hidden state at step n → active heads at n + 1
+(probes.fit_probe, offset 1, activity by the run's registered score), saved as <out>/predictor.pt so a resumed
+run reuses it. A detection run that shares a sample with the evaluated ones is refused.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dynheads.config import run_config
+from dynheads.errors import ConfigError
+from dynheads.experiments.ablation import sample_rng
+from dynheads.experiments.head_policies import BUDGETLESS, build_policy, policies
+from dynheads.experiments.static_ranking import load_static_ranking, ranking_from_run
+from dynheads.experiments.stats import bootstrap_ci, paired_difference
+from dynheads.models import LoadedModel
+from dynheads.runs import RunDir
+from dynheads.scores.base import get_score
+from dynheads.tasks.base import EncodedSample
+from dynheads.tasks.metrics import rouge_l
+from dynheads.tasks.niah import NiahConfig
+from dynheads.tracing.runner import run_samples
+from dynheads.tracing.sparse import Sparsity
+from dynheads.tracing.tracer import StepView, TraceConfig, Tracer
+
+POLICIES = ("full", "streaming", "static", "random", "oracle", "predicted")
+METRICS = ("accuracy", "rouge_l", "kv_read")
+_GRID_KEYS = ("lengths", "depths", "samples_per_cell", "limit")  # which samples of a source, not the source
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """The comparison: policies × budgets, what closed heads read, where rankings and probes come from."""
+
+    detection: str  # traced run folder of other samples (static ranking, probe training data)
+    policies: tuple[str, ...] = POLICIES
+    budgets: tuple[int, ...] = (1, 2, 4, 8, 16)  # units opened per step, over all layers
+    sparsity: Sparsity = Sparsity()
+    static_ranking: str | None = None  # head_score JSON or run folder overriding the detection run's ranking
+    n_boot: int = 2000
+    seed: int = 0  # random policy, probe training, bootstrap
+
+    def __post_init__(self):
+        for name in self.policies:
+            policies.get(name)
+        if not self.policies or not self.budgets:
+            raise ConfigError("--policies and --budgets must not be empty")
+
+
+def conditions(config: SparseConfig) -> list[tuple[str, str, int | None]]:
+    """(condition name, policy, budget): budget-free policies once, the others once per budget."""
+    out = []
+    for name in config.policies:
+        out += [(name, name, None)] if name in BUDGETLESS else [(f"{name}@{k}", name, k) for k in config.budgets]
+    return out
+
+
+def sparse_sample(tracer: Tracer, encoded: EncodedSample, config: SparseConfig, inputs: dict[str, Any],
+                  metric: Callable[[str, Any], dict]) -> tuple[dict, dict]:
+    """One prefill, then every condition forked from it."""
+    state = tracer.prefill(encoded.input_ids, encoded.token_spans)
+    score = inputs["score"]
+
+    def step_score(view: StepView) -> tuple[np.ndarray, np.ndarray]:
+        arrays = {k: v[None] for k, v in view.arrays.items()} | {"token_id": np.array([view.token_id])}
+        values = score(arrays, encoded.token_spans)[0]
+        return values, score.active(values)
+
+    group = inputs["group"]
+    arrays, results = {}, {}
+    for cond, name, k in conditions(config):
+        pol = build_policy(name, k=k, shape=inputs["shape"], group=group, ranking=inputs["ranking"],
+                           predictor=inputs.get("predictor"), seed=config.seed, sample_id=encoded.sample.id,
+                           step_score=step_score, span=inputs["span"])
+        trace = tracer.generate(state, heads=pol.select, sparsity=config.sparsity,
+                                full_pass_first=pol.full_pass_first, fork=True)
+        opened = np.stack(trace.open_heads) if trace.open_heads else np.zeros((0, *inputs["shape"]), bool)
+        kv = [config.sparsity.kv_read(o, encoded.prompt_len + t, tracer.lm.layout.group_size)
+              for t, o in enumerate(opened)]
+        response = tracer.lm.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
+        scores = metric(response, encoded.sample)
+        scores.setdefault("rouge_l", max(rouge_l(response, a) for a in encoded.sample.answers))
+        arrays[f"{cond}__token_id"] = np.asarray(trace.token_ids, np.int64)
+        arrays[f"{cond}__open"] = opened
+        results[cond] = {"response": response, "n_steps": len(trace.token_ids), **scores,
+                         "kv_read": float(np.mean(kv)) if kv else 1.0,
+                         "opened": [int(o.sum()) for o in opened]}
+    return arrays, {"prompt_tokens": encoded.prompt_len, "conditions": results}
+
+
+def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task: dict[str, Any], config: SparseConfig,
+               out: str | Path, metric: Callable[[str, Any], dict], niah: NiahConfig | None = None,
+               trace: TraceConfig = TraceConfig(), quiet: bool = False) -> tuple[RunDir, dict]:
+    """Every sample under every policy × budget into `out` (resumable), then results/sparse.json and the figure."""
+    from dynheads.report.sparse_figures import accuracy_vs_kv_read
+
+    units = config.sparsity.units(lm.layout.n_heads, lm.layout.n_kv_heads)
+    shape = (lm.layout.n_layers, units)
+    bad = [k for k in config.budgets if not 0 <= k <= lm.layout.n_layers * units]
+    if bad:
+        raise ConfigError(f"budget {bad[0]} is outside 0..{lm.layout.n_layers * units} ({config.sparsity.unit} heads)")
+    detection = RunDir.open(Path(config.detection).expanduser())
+    det_cfg = detection.config
+    ids = {e.sample.id for e in samples}
+    _check_disjoint(detection, task, ids)
+    ranking, source = ranking_from_run(detection, lm.layout, niah or NiahConfig(), ids if niah else set())
+    if config.static_ranking is not None:
+        ranking, source = load_static_ranking(config.static_ranking, lm, niah or NiahConfig(), ids if niah else set(),
+                                              niah or NiahConfig(), Path(out), trace, quiet)
+    score = get_score(det_cfg["score"]["name"])
+    span = det_cfg["score"].get("args", {}).get("span", "needle")
+    trace = replace(trace, record_rows=False, record_hidden="predicted" in config.policies,
+                    mass_spans=tuple(dict.fromkeys(score.mass_spans + (span,))))
+    run = RunDir.create(out, run_config("sparse", lm, config.seed, task=task, trace=trace, sparse=config))
+    inputs = {"shape": shape, "group": lm.layout.group_size if config.sparsity.unit == "kv" else 1,
+              "ranking": ranking, "score": score, "span": span}
+    if "predicted" in config.policies:
+        inputs["predictor"] = _predictor(detection, score, run.path / "predictor.pt", config.seed)
+    tracer = Tracer(lm, trace)
+    run_samples(run, samples, lambda enc: sparse_sample(tracer, enc, config, inputs, metric), len(samples), quiet)
+    result = summarise(run.sample_results(), config)
+    result.update(static_ranking=source, detection=str(detection.path), sparsity=asdict(config.sparsity),
+                  predictor=_predictor_info(run.path / "predictor.pt"))
+    run.write_result("sparse", result)
+    fig = accuracy_vs_kv_read(result, title=f"{Path(lm.source).name}: head-sparse decoding, {result['n_samples']} "
+                              f"samples (S={config.sparsity.sink}, W={config.sparsity.recent}, {config.sparsity.unit} heads)")
+    _save(fig, run.figure_path("sparse_accuracy_vs_kv"))
+    return run, result
+
+
+def summarise(rows: list[dict], config: SparseConfig) -> dict:
+    """Per condition: mean and 95% bootstrap CI of accuracy, ROUGE-L, KV read; predicted − static per budget."""
+    rng = sample_rng(config.seed, "sparse-stats")
+    per = {c: {m: np.array([r["conditions"][c][m] for r in rows], float) for m in METRICS + ("f1",)
+               if m in rows[0]["conditions"][c]} for c, _, _ in conditions(config)}
+    conds = {c: {"policy": p, "budget": k, **{m: asdict(bootstrap_ci(v, rng, config.n_boot)) for m, v in per[c].items()}}
+             for c, p, k in conditions(config)}
+    tests = []
+    if {"predicted", "static"} <= set(config.policies):
+        for k in config.budgets:
+            for m in ("accuracy", "rouge_l"):
+                diff = paired_difference(per[f"predicted@{k}"][m], per[f"static@{k}"][m], rng, config.n_boot)
+                tests.append({"a": f"predicted@{k}", "b": f"static@{k}", "budget": k, "metric": m, **asdict(diff)})
+    return {"n_samples": len(rows), "conditions": conds, "comparisons": tests,
+            "verdict": verdict(tests)}
+
+
+def verdict(tests: list[dict]) -> str:
+    """The answer to 'does predicted beat static at equal budget, and from which budget on' (accuracy)."""
+    acc = sorted((t for t in tests if t["metric"] == "accuracy"), key=lambda t: t["budget"])
+    if not acc:
+        return "predicted vs static not compared (both policies are needed)"
+    wins = [t["budget"] for t in acc if t["low"] > 0]
+    losses = [t["budget"] for t in acc if t["high"] < 0]
+    if not wins:
+        return ("predicted does not beat static at any budget (95% CI of the paired accuracy difference includes 0 "
+                "or is below)" + (f"; static is better at k = {losses}" if losses else ""))
+    from_k = next((k for i, k in enumerate(t["budget"] for t in acc)
+                   if all(t["low"] > 0 for t in acc[i:])), None)
+    tail = f", at every budget from k = {from_k} on" if from_k is not None else ""
+    return f"predicted beats static at k = {wins} (95% CI of the paired accuracy difference above 0){tail}"
+
+
+# --- internals -----------------------------------------------------------------------------
+def _check_disjoint(detection: RunDir, task: dict[str, Any], ids: set[str]) -> None:
+    """Refuse a detection run that traced any of the evaluated samples (same sample id from the same source)."""
+    source = lambda t: {k: v for k, v in t.items() if k not in _GRID_KEYS}  # noqa: E731
+    same_source = source(detection.config.get("task", {})) == source(json.loads(json.dumps(task)))
+    shared = sorted(detection.done_samples() & ids) if same_source else []
+    if shared:
+        raise ConfigError(f"detection run {detection.path} traced evaluated sample {shared[0]} "
+                          "(same task source); use a detection run with another --seed or other data")
+
+
+def _predictor(detection: RunDir, score, path: Path, seed: int):
+    """The probe of the predicted policy: loaded from `path` when a previous run saved it, else fitted and saved."""
+    from dynheads.experiments.probes import Probe, ProbeConfig, fit_probe
+
+    if path.exists():
+        return Probe.load(path)
+    records = detection.read_records()
+    # labels = the score's own activity rule (score.active), as 0/1 with threshold 0.5, so the probe's
+    # "score > threshold" matches it whatever comparison the registered score uses
+    active = score.active(records.array("score")).astype(np.float32)
+    config = ProbeConfig(offset=1, active_threshold=0.5, seed=seed)
+    probe = fit_probe(records.hidden(), active, records.sample_ids, records.step, config,
+                      np.random.default_rng(seed), meta={"detection": str(detection.path)})
+    probe.save(path)
+    return probe
+
+
+def _predictor_info(path: Path) -> dict | None:
+    info = path.with_name(path.name + ".json")
+    return {"path": str(path), **json.loads(info.read_text())["meta"]} if info.exists() else None
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,46 @@
+"""Head-sparse decoding: accuracy against KV read fraction (one line per policy) and the results table.
+
+Input is the dict `experiments.sparse.summarise` returns; a matplotlib Figure (the caller saves it) or text out.
+"""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def accuracy_vs_kv_read(result: dict, metric: str = "accuracy", title: str = ""):
+    """One line per policy through its budgets (x: mean KV read per step, y: metric with 95% CI bars)."""
+    by_policy: dict[str, list[tuple[float, dict, int | None]]] = {}
+    for cond in result["conditions"].values():
+        by_policy.setdefault(cond["policy"], []).append((cond["kv_read"]["estimate"], cond[metric], cond["budget"]))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for name, points in by_policy.items():
+        points.sort(key=lambda p: p[0])
+        xs = [p[0] for p in points]
+        ys = [p[1]["estimate"] for p in points]
+        err = [[y - p[1]["low"] for y, p in zip(ys, points)], [p[1]["high"] - y for y, p in zip(ys, points)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=2, label=name)
+        for x, y, p in zip(xs, ys, points):
+            if p[2] is not None:
+                ax.annotate(f"k={p[2]}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("KV cache read per step (fraction of full)")
+    ax.set_ylabel(metric)
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def sparse_table(result: dict) -> str:
+    """Conditions with accuracy, ROUGE-L and KV read (95% CIs), then predicted − static per budget and the verdict."""
+    ci = lambda d: f"{d['estimate']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"  # noqa: E731
+    lines = [f"{'condition':<14} {'accuracy':>24} {'ROUGE-L':>24} {'KV read':>24}"]
+    for name, c in result["conditions"].items():
+        lines.append(f"{name:<14} {ci(c['accuracy']):>24} {ci(c['rouge_l']):>24} {ci(c['kv_read']):>24}")
+    for t in result["comparisons"]:
+        lines.append(f"{t['a']} − {t['b']} ({t['metric']}): {t['mean_difference']:+.3f} "
+                     f"[{t['low']:+.3f}, {t['high']:+.3f}], Wilcoxon p = {t['p_value']:.3g}, n = {t['n']}")
+    lines.append(f"verdict: {result['verdict']}")
+    return "\n".join(lines)

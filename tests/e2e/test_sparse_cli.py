@@ -1,0 +1,63 @@
+"""`dynheads sparse` on the default model: two policies × two budgets on a short prompt, and its refusal."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from e2e.helpers import BIN, assert_one_line_error
+
+pytestmark = pytest.mark.e2e
+SHORT = ["--max-new-tokens", "16", "--quiet"]
+SINK, RECENT = 16, 64
+
+
+def _dynheads(*args):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparse")
+    det = _dynheads("niah", "--lengths", "400", "--depths", "0,100", "--samples-per-cell", "1", "--seed", "1", *SHORT,
+                    "--out", root / "det")
+    assert det.returncode == 0, det.stderr
+    run = _dynheads("sparse", "--detection", root / "det", "--policies", "static,predicted", "--budgets", "4,16",
+                    "--lengths", "400", "--depths", "50", "--samples-per-cell", "1", "--n-boot", "200", *SHORT,
+                    "--out", root / "sparse")
+    assert run.returncode == 0, run.stderr
+    return root, run
+
+
+def test_sparse_writes_conditions_kv_read_tests_and_figure(runs):
+    root, proc = runs
+    out = root / "sparse"
+    assert proc.stdout.strip().splitlines()[-1] == str(out) and "verdict:" in proc.stdout
+    result = json.loads((out / "results" / "sparse.json").read_text())
+    assert set(result["conditions"]) == {"static@4", "static@16", "predicted@4", "predicted@16"}
+    assert [(t["budget"], t["metric"]) for t in result["comparisons"]] == \
+        [(4, "accuracy"), (4, "rouge_l"), (16, "accuracy"), (16, "rouge_l")]
+    assert (out / "predictor.pt").exists() and result["predictor"]["detection"] == str(root / "det")
+    assert (out / "figures" / "sparse_accuracy_vs_kv.png").stat().st_size > 5_000
+    sample = json.loads((out / "samples" / "niah-400-50-0.json").read_text())
+    prompt = sample["prompt_tokens"]
+    with np.load(out / "records" / "niah-400-50-0.npz") as z:
+        for cond, k in (("static@4", 4), ("predicted@16", 16)):
+            opened = z[f"{cond}__open"]
+            assert opened.shape[1:] == (30, 3) and (opened.reshape(len(opened), -1).sum(1) == k).all()
+            # every step: k KV heads read all n keys, the other 90 − k read S + W
+            expected = np.mean([(k * n + (90 - k) * (SINK + RECENT)) / (90 * n)
+                                for n in prompt + np.arange(len(opened))])
+            assert sample["conditions"][cond]["kv_read"] == pytest.approx(expected)
+            assert len(z[f"{cond}__token_id"]) == sample["conditions"][cond]["n_steps"]
+        assert (z["static@4__open"] == z["static@4__open"][0]).all()  # the same heads at every step
+
+
+def test_a_detection_run_of_the_same_samples_is_refused(runs):
+    root, _ = runs
+    proc = _dynheads("sparse", "--detection", root / "det", "--policies", "static", "--budgets", "4",
+                     "--lengths", "400", "--depths", "0", "--samples-per-cell", "1", "--seed", "1", *SHORT,
+                     "--out", root / "bad")
+    assert_one_line_error(proc, "traced evaluated sample niah-400-0-0")
