@@ -19,6 +19,7 @@ import torch
 from dynheads.errors import ModelError
 from dynheads.files import FolderLock, remove_stale_temps, sha256_file, temp_path
 from dynheads.heads import HeadLayout
+from dynheads.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +62,37 @@ def default_model_path() -> Path:
 
 
 def load_model(source: str = "default", dtype: str = "float32", device: str = "cpu",
-               cache_dir: str | os.PathLike | None = None, attn_implementation: str | None = None) -> LoadedModel:
+               cache_dir: str | os.PathLike | None = None, attn_implementation: str | None = None,
+               placement: "Placement | None" = None, weights: bool = True) -> LoadedModel:
     """Load a model for tracing; every failure becomes a one-line ModelError.
 
     `attn_implementation` None lets transformers pick the model's stock attention (SDPA where the
     family supports it, else eager); the tracer wraps whichever it is (tracing/attention.py).
+    `placement` spreads the model over devices (accelerate device maps, CPU/disk offload) instead of
+    moving it to `device`. `weights=False` builds the model on the meta device (config, tokenizer,
+    layout and fingerprint only): what a sweep driver needs while its workers hold the weights.
     """
     if dtype not in _DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(_DTYPES)}")
     check_device(device)
     path = default_model_path() if source == "default" else Path(source).expanduser()
+    load_args = {"attn": attn_implementation, "weights": weights, "placement": placement}
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
         folder, fingerprint = _gguf_cache(path, Path(cache_dir) if cache_dir else _cache_root())
-        model, tok = _from_pretrained(str(folder), _DTYPES[dtype], local_only=True, attn=attn_implementation)
+        model, tok = _from_pretrained(str(folder), _DTYPES[dtype], local_only=True, **load_args)
     elif path.is_dir():
         fingerprint = _folder_fingerprint(path)
-        model, tok = _from_pretrained(str(path), _DTYPES[dtype], local_only=True, attn=attn_implementation)
+        model, tok = _from_pretrained(str(path), _DTYPES[dtype], local_only=True, **load_args)
     elif "/" in source and not source.startswith((".", "/")) and not path.exists():
-        model, tok = _from_pretrained(source, _DTYPES[dtype], local_only=True, attn=attn_implementation)
+        model, tok = _from_pretrained(source, _DTYPES[dtype], local_only=True, **load_args)
         fingerprint = "hub:" + str(getattr(model.config, "_commit_hash", None) or source)
     else:
         raise ModelError(f"model '{source}' is not 'default', a local folder, a .gguf file or a cached Hub id")
-    model.to(device).eval()
+    if weights and (placement is None or placement.device_map is None):
+        model.to(device)
+    model.eval()
     from dynheads.tracing.attention import check_traceable
 
     check_traceable(model)  # a family dynheads cannot trace is refused here, before any run folder
@@ -156,7 +164,8 @@ def _cache_root() -> Path:
     return Path(os.environ.get("DYNHEADS_CACHE", Path.home() / ".cache" / "dynheads")) / "models"
 
 
-def _from_pretrained(name: str, dtype, local_only: bool, gguf_file: str | None = None, attn: str | None = None):
+def _from_pretrained(name: str, dtype, local_only: bool, gguf_file: str | None = None, attn: str | None = None,
+                     weights: bool = True, placement: "Placement | None" = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -164,12 +173,31 @@ def _from_pretrained(name: str, dtype, local_only: bool, gguf_file: str | None =
     hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, dtype=dtype,
-                                                     local_files_only=local_only, attn_implementation=attn)
+        if not weights:
+            model = _meta_model(name, dtype, local_only, attn)
+        else:
+            extra = placement.from_pretrained_args() if placement is not None else {}
+            model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, dtype=dtype,
+                                                         local_files_only=local_only, attn_implementation=attn,
+                                                         **extra)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model '{name}' ({gguf_file or 'folder'}): {first}") from None
     return model, tok
+
+
+def _meta_model(name: str, dtype, local_only: bool, attn: str | None = None):
+    """The architecture on the meta device (no weights read), with the model's own generation config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(name, local_files_only=local_only)
+    except OSError:  # no generation_config.json: keep the one derived from the config
+        pass
+    return model
 
 
 def _gguf_cache(path: Path, root: Path) -> tuple[Path, str]:

@@ -48,7 +48,7 @@ def _register_all() -> None:
 
     trace_cmds.register(app)
     trace_cmds.register_list(app)
-    for name in ("correlation", "ablation", "rag", "conformance", "report", "sparse"):
+    for name in ("correlation", "ablation", "rag", "conformance", "report", "sparse", "sweep"):
         try:
             module = __import__(f"dynheads.cli.{name}", fromlist=["register"])
         except ModuleNotFoundError as exc:

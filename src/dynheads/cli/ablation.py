@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dynheads.cli.trace import check_niah, parse_floats, parse_ints
+from dynheads.cli.trace import DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER, load_placed
 
 _RANKING = "head_score JSON (e.g. results/head_scores.json of `dynheads dynamism`) or a traced run folder " \
            "from OTHER samples; default: a detection pass with seed + 1 in <out>/detection"
@@ -34,26 +34,25 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
+        device_map: Optional[str] = DEVICE_MAP,
+        max_memory: Optional[str] = MAX_MEMORY,
+        offload_folder: Optional[str] = OFFLOAD_FOLDER,
         out: Path = typer.Option(..., help="run folder (resumes when it exists with the same config)"),
         quiet: bool = typer.Option(False),
     ):
         """Per-step ablation (Fig. 2): mask dynamic, static, static-excluding-dynamic or random heads."""
-        from dynheads.tasks.niah import NiahConfig
+        from dynheads.commands import check_ablate, run_ablate
+        from dynheads.runs import check_out
 
-        niah = NiahConfig(parse_ints(lengths, "lengths"), parse_floats(depths, "depths"), samples_per_cell,
-                          haystack, None, seed)
-        check_niah(niah, out)  # bad input fails before the heavy imports and the model
-        _check_ranking(static_ranking)
-        from dynheads.experiments import ablation as abl
-        from dynheads.models import load_model
+        check_ablate(lengths, depths, samples_per_cell, method, match, haystack, static_ranking)  # before the model
+        check_out(out)
         from dynheads.report.ablation_figures import ablation_table
-        from dynheads.tracing.tracer import TraceConfig
 
-        config = abl.AblationConfig(method=method, match=match, match_scope=match_scope,
-                                    random_per_step=random_per_step, static_ranking=static_ranking, n_boot=n_boot,
-                                    seed=seed)
-        lm = load_model(model, dtype=dtype, device=device)
-        run, result = abl.run_ablation(lm, niah, out, config, TraceConfig(max_new_tokens=max_new_tokens), quiet)
+        lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
+        run, result = run_ablate(lm, out, lengths=lengths, depths=depths, samples_per_cell=samples_per_cell,
+                                 static_ranking=static_ranking, method=method, match=match, match_scope=match_scope,
+                                 random_per_step=random_per_step, haystack=haystack, max_new_tokens=max_new_tokens,
+                                 n_boot=n_boot, seed=seed, quiet=quiet)
         typer.echo(ablation_table(result))
         typer.echo(f"figure: {run.figure_path('ablation_heatmaps')}")
         typer.echo(str(run.path))
@@ -73,29 +72,25 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
+        device_map: Optional[str] = DEVICE_MAP,
+        max_memory: Optional[str] = MAX_MEMORY,
+        offload_folder: Optional[str] = OFFLOAD_FOLDER,
         out: Path = typer.Option(..., help="run folder (resumes when it exists with the same config)"),
         quiet: bool = typer.Option(False),
     ):
         """Progressive ablation (Fig. 3): k heads per step, accuracy and compensation by static heads."""
-        from dynheads.errors import ConfigError
-        from dynheads.tasks.niah import NiahConfig
+        from dynheads.commands import check_ablate_progressive, run_ablate_progressive
+        from dynheads.runs import check_out
 
-        k_values = parse_ints(ks, "ks")
-        if min(k_values) < 0:  # before the heavy imports; k above the head count fails once the model is known
-            raise ConfigError(f"k = {min(k_values)} must not be negative")
-        check_niah(NiahConfig((length,), (0.0,), samples, haystack), out)
-        _check_ranking(static_ranking)
-        from dynheads.experiments import ablation as abl
-        from dynheads.models import load_model
+        check_ablate_progressive(length, ks, samples, method, haystack, static_ranking)  # before the model
+        check_out(out)
         from dynheads.report.ablation_figures import progressive_table
-        from dynheads.tracing.tracer import TraceConfig
 
-        niah = abl.progressive_niah(length, samples, seed, haystack)
-        config = abl.AblationConfig(method=method, static_ranking=static_ranking, static_top=static_top,
-                                    n_boot=n_boot, seed=seed)
-        lm = load_model(model, dtype=dtype, device=device)
-        run, result = abl.run_progressive(lm, niah, k_values, out, config,
-                                          TraceConfig(max_new_tokens=max_new_tokens), quiet)
+        lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
+        run, result = run_ablate_progressive(lm, out, length=length, ks=ks, samples=samples,
+                                             static_ranking=static_ranking, static_top=static_top, method=method,
+                                             haystack=haystack, max_new_tokens=max_new_tokens, n_boot=n_boot,
+                                             seed=seed, quiet=quiet)
         typer.echo(progressive_table(result))
         typer.echo(f"figure: {run.figure_path('ablation_progressive')}")
         typer.echo(str(run.path))

@@ -6,6 +6,9 @@ from typing import Optional
 
 import typer
 
+from dynheads.cli.trace import DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER, load_placed
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def multihop(
@@ -18,19 +21,22 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(32, min=1),
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
+        device_map: Optional[str] = DEVICE_MAP,
+        max_memory: Optional[str] = MAX_MEMORY,
+        offload_folder: Optional[str] = OFFLOAD_FOLDER,
         out: Path = typer.Option(..., help="run folder (resumes when it exists with the same config)"),
         quiet: bool = typer.Option(False),
     ):
         """Trace multi-hop QA: per-step Eq. 2 reasoning retrieval scores on the supporting facts, EM/F1."""
-        from dynheads.experiments.trace import MultihopConfig, format_fig6_table, load_questions, run_multihop
-        from dynheads.models import load_model
+        from dynheads.commands import check_multihop, run_multihop
+        from dynheads.experiments.trace import format_fig6_table
         from dynheads.runs import check_out
-        from dynheads.tracing.tracer import TraceConfig
 
-        load_questions(MultihopConfig(str(data), limit, format, prompt))  # bad input fails before the model loads
+        check_multihop(data, limit, format, prompt)  # bad input fails before the model loads
         check_out(out)
-        lm = load_model(model, dtype=dtype, device=device)
-        run = run_multihop(lm, data, limit, out, TraceConfig(max_new_tokens=max_new_tokens), format, quiet, prompt)
+        lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
+        run = run_multihop(lm, out, data=data, limit=limit, format=format, prompt=prompt,
+                           max_new_tokens=max_new_tokens, quiet=quiet)
         summary = run.read_result("multihop")
         rep = summary["load_report"]
         typer.echo(f"{summary['n_samples']} samples: EM {summary['em']:.3f}, F1 {summary['f1']:.3f} "
@@ -65,29 +71,27 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="seed of the random strategies (per question and strategy)"),
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
+        device_map: Optional[str] = DEVICE_MAP,
+        max_memory: Optional[str] = MAX_MEMORY,
+        offload_folder: Optional[str] = OFFLOAD_FOLDER,
         out: Path = typer.Option(..., help="run folder (resumes per question with the same config)"),
         quiet: bool = typer.Option(False),
     ):
         """Dynamic RAG (Table 4): RIND decides when, the chosen heads decide which context to open."""
+        from dynheads.commands import check_rag, run_rag
         from dynheads.experiments import rag as rag_exp
-        from dynheads.experiments.trace import MultihopConfig
-        from dynheads.models import load_model
-        from dynheads.rag.loop import RagConfig
-        from dynheads.rag.retrievers import HeadWindowRetriever
-        from dynheads.rag.trigger import RindTrigger
         from dynheads.runs import check_out
 
-        names = tuple(dict.fromkeys(h.strip() for h in heads.split(",") if h.strip()))
-        settings = rag_exp.RagSettings(
-            MultihopConfig(str(data), limit, format, prompt), names, retrieval, corpus, n_heads, seed=seed,
-            loop=RagConfig(max_new_tokens=max_new_tokens, max_sentence_tokens=max_sentence_tokens),
-            trigger=RindTrigger(threshold=rind_threshold), windows=HeadWindowRetriever(k=top_k, window=window))
-        inputs = rag_exp.check_inputs(settings)
+        params = dict(data=data, limit=limit, heads=heads, static_ranking=static_ranking, regressor=regressor,
+                      retrieval=retrieval, corpus=corpus, format=format, prompt=prompt, max_new_tokens=max_new_tokens,
+                      max_sentence_tokens=max_sentence_tokens, rind_threshold=rind_threshold, top_k=top_k,
+                      window=window, n_heads=n_heads, seed=seed)
+        inputs = check_rag(**params)
         check_out(out)
         n_docs = getattr(getattr(inputs[1], "retriever", None), "n_docs", None)
         if n_docs is not None:
             typer.echo(f"corpus {corpus}: {n_docs} documents indexed")
-        lm = load_model(model, dtype=dtype, device=device)
-        run = rag_exp.run_rag(lm, settings, out, static_ranking, regressor, quiet, inputs)
+        lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
+        run = run_rag(lm, out, quiet=quiet, inputs=inputs, **params)
         typer.echo(rag_exp.format_rag_table(run.read_result("rag"), Path(run.config["model"]["source"]).name))
         typer.echo(str(run.path))

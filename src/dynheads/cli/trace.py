@@ -28,6 +28,23 @@ def parse_floats(text: str, name: str) -> tuple[float, ...]:
     return parse_list(text, name, float)
 
 
+# Placement flags of every command that loads a model (accelerate device maps; see placement.py).
+DEVICE_MAP = typer.Option(None, help="spread the model over devices: auto | balanced | balanced_low_0 | sequential "
+                          "| a JSON object (or .json file) of module name -> device (GPU index, 'cpu', 'disk')")
+MAX_MEMORY = typer.Option(None, help="per-device caps for --device-map, e.g. '0=20GiB,1=20GiB,cpu=60GiB'")
+OFFLOAD_FOLDER = typer.Option(None, help="folder for layers --device-map puts on 'disk'")
+
+
+def load_placed(model: str, dtype: str, device: str, device_map: str | None, max_memory: str | None,
+                offload_folder: str | None):
+    """load_model with the placement flags (validated before any weight is read)."""
+    from dynheads.models import load_model
+    from dynheads.placement import parse_placement
+
+    placement = parse_placement(device_map, max_memory, offload_folder)
+    return load_model(model, dtype=dtype, device=device, placement=placement)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def niah(
@@ -45,21 +62,21 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
+        device_map: Optional[str] = DEVICE_MAP,
+        max_memory: Optional[str] = MAX_MEMORY,
+        offload_folder: Optional[str] = OFFLOAD_FOLDER,
         out: Path = typer.Option(..., help="run folder (resumes when it exists with the same config)"),
         quiet: bool = typer.Option(False),
     ):
         """Trace a Needle-in-a-Haystack sweep: per-step retrieval heads of every generated token."""
-        from dynheads.tasks.multineedle import niah_config
+        from dynheads.commands import niah_config, run_niah
 
-        cfg = niah_config(num_needles, mode, lengths=parse_ints(lengths, "lengths"), depths=parse_floats(depths, "depths"),
-                          samples_per_cell=samples_per_cell, haystack=haystack, needles=needles, seed=seed)
+        cfg = niah_config(lengths, depths, samples_per_cell, haystack, needles, seed, num_needles, mode)
         check_niah(cfg, out)  # bad input fails before the heavy imports and the model
-        from dynheads.experiments.trace import run_niah
-        from dynheads.models import load_model
-        from dynheads.tracing.tracer import TraceConfig
-
-        lm = load_model(model, dtype=dtype, device=device)
-        run = run_niah(lm, cfg, out, TraceConfig(max_new_tokens=max_new_tokens, topk=topk), quiet)
+        lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
+        run = run_niah(lm, out, lengths=lengths, depths=depths, samples_per_cell=samples_per_cell, haystack=haystack,
+                       needles=needles, num_needles=num_needles, mode=mode, max_new_tokens=max_new_tokens,
+                       topk=topk, seed=seed, quiet=quiet)
         results = run.sample_results()
         acc = sum(r["accuracy"] for r in results) / len(results)
         rouge = sum(r["rouge_l"] for r in results) / len(results)

@@ -46,7 +46,7 @@ from dynheads.runs import RunDir, safe_name
 from dynheads.scores.copy_paste import copy_paste_active
 from dynheads.tasks.base import EncodedSample
 from dynheads.tasks.niah import NiahConfig, niah_samples, score_response
-from dynheads.tracing.runner import run_samples
+from dynheads.tracing.runner import Runner, run_samples
 from dynheads.tracing.tracer import Trace, TraceConfig, Tracer
 
 PAPER_FIG2 = ("paper (llama3.1-8b, Fig. 2): masking the dynamic heads drives accuracy to ~0 across the "
@@ -223,7 +223,8 @@ def cell_means(lengths: np.ndarray, depths: np.ndarray, values: np.ndarray) -> t
 
 
 def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: AblationConfig = AblationConfig(),
-                 trace: TraceConfig = TraceConfig(), quiet: bool = False) -> tuple[RunDir, dict]:
+                 trace: TraceConfig = TraceConfig(), quiet: bool = False,
+                 runner: Runner = run_samples) -> tuple[RunDir, dict]:
     """Per-step ablation grid into `out` (resumable), then results/ablation.json and Fig. 2."""
     from dynheads.report.ablation_figures import ablation_heatmaps
 
@@ -233,12 +234,12 @@ def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: Abl
     samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
     detection = replace(niah, samples_per_cell=1, seed=niah.seed + 1)
     load_ranking = partial(load_static_ranking, config.static_ranking, lm, niah, {e.sample.id for e in samples},
-                           detection, Path(out) / "detection", trace, quiet)
+                           detection, Path(out) / "detection", trace, quiet, runner)
     given = load_ranking() if config.static_ranking else None  # checked before the run folder exists
     run = RunDir.create(out, run_config("ablation", lm, niah.seed, task=niah, trace=trace, ablation=config,
                                         inputs=inputs))
     ranking, source = given or load_ranking()  # default: a detection pass inside the run folder
-    matching = ablate_samples(run, Tracer(lm, trace), samples, ranking, config, quiet)
+    matching = ablate_samples(run, Tracer(lm, trace), samples, ranking, config, quiet, runner)
     rows = run.sample_results()
     per_sample = {c: _metric_arrays(rows, c) for c in CONDITIONS}
     result = summarise(per_sample, sample_rng(config.seed, "ablation-stats"), config.n_boot)
@@ -259,18 +260,18 @@ def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: Abl
 
 
 def ablate_samples(run: RunDir, tracer: Tracer, samples: list[EncodedSample], ranking: np.ndarray,
-                   config: AblationConfig, quiet: bool = False) -> dict:
+                   config: AblationConfig, quiet: bool = False, runner: Runner = run_samples) -> dict:
     """Every condition of every sample into `run` (resumable); returns `matching_summary`.
 
     Run-level matching first runs none and dynamic on every sample into <run>/first_pass, then derives
     the count from what is stored there (so a resumed run uses the same count) and runs the baselines.
     """
     if not config.two_pass:
-        run_samples(run, samples, lambda enc: ablate_sample(tracer, enc, ranking, config), len(samples), quiet)
+        runner(run, samples, lambda enc: ablate_sample(tracer, enc, ranking, config), len(samples), quiet)
         return matching_summary([_match_counts(r["conditions"], config) for r in run.sample_results()]
                                 if MATCH[config.match] else [], config)
     first = RunDir.create(run.path / "first_pass", {**run.config, "kind": "ablation-first-pass"})
-    run_samples(first, samples, lambda enc: first_pass_sample(tracer, enc, config), len(samples), quiet)
+    runner(first, samples, lambda enc: first_pass_sample(tracer, enc, config), len(samples), quiet)
     stored = {r["id"]: r for r in first.sample_results()}
     matching = matching_summary([_match_counts(stored[e.sample.id]["conditions"], config) for e in samples], config)
 
@@ -278,13 +279,13 @@ def ablate_samples(run: RunDir, tracer: Tracer, samples: list[EncodedSample], ra
         arrays = load_sample_records(first.path / "records" / f"{safe_name(enc.sample.id)}.npz")
         return ablate_sample(tracer, enc, ranking, config, matching["heads"], (arrays, stored[enc.sample.id]))
 
-    run_samples(run, samples, work, len(samples), quiet)
+    runner(run, samples, work, len(samples), quiet)
     return matching
 
 
 def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out: str | Path,
                     config: AblationConfig = AblationConfig(), trace: TraceConfig = TraceConfig(),
-                    quiet: bool = False) -> tuple[RunDir, dict]:
+                    quiet: bool = False, runner: Runner = run_samples) -> tuple[RunDir, dict]:
     """Progressive ablation (k heads per step for every k) into `out`, then results and Fig. 3."""
     from dynheads.report.ablation_figures import progressive_curve
 
@@ -295,14 +296,14 @@ def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out:
     samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
     detection = progressive_niah(niah.lengths[0], config.detection_samples, niah.seed + 1, niah.haystack)
     load_ranking = partial(load_static_ranking, config.static_ranking, lm, niah, {e.sample.id for e in samples},
-                           detection, Path(out) / "detection", trace, quiet)
+                           detection, Path(out) / "detection", trace, quiet, runner)
     given = load_ranking() if config.static_ranking else None  # checked before the run folder exists
     run = RunDir.create(out, run_config("ablation-progressive", lm, niah.seed, task=niah, trace=trace,
                                         ablation=config, ks=list(ks), inputs=inputs))
     ranking, source = given or load_ranking()  # default: a detection pass inside the run folder
     static = top_heads(ranking, config.static_top)
     tracer = Tracer(lm, trace)
-    run_samples(run, samples, lambda enc: progressive_sample(tracer, enc, ks, static, config), len(samples), quiet)
+    runner(run, samples, lambda enc: progressive_sample(tracer, enc, ks, static, config), len(samples), quiet)
     rows = run.sample_results()
     per_k = {f"k{k}": _metric_arrays(rows, f"k{k}") for k in ks}
     result = summarise(per_k, sample_rng(config.seed, "progressive-stats"), config.n_boot, comparisons=())

@@ -30,7 +30,7 @@ from dynheads.rag.retrievers import QUERY_WORDS, HeadWindowRetriever
 from dynheads.rag.trigger import RindTrigger
 from dynheads.runs import RunDir
 from dynheads.tasks.base import encode
-from dynheads.tracing.runner import run_samples
+from dynheads.tracing.runner import Runner, run_samples
 from dynheads.tracing.tracer import Tracer
 
 # Paper Table 4 (HotpotQA, EM / F1). No "full context" row exists in the paper.
@@ -81,7 +81,8 @@ def check_inputs(settings: RagSettings) -> tuple[Any, Any]:
 
 
 def run_rag(lm: LoadedModel, settings: RagSettings, out: str | Path, static_ranking: str | None = None,
-            regressor: str | None = None, quiet: bool = False, inputs: tuple[Any, Any] | None = None) -> RunDir:
+            regressor: str | None = None, quiet: bool = False, inputs: tuple[Any, Any] | None = None,
+            runner: Runner = run_samples) -> RunDir:
     """Run every strategy on every question into `out` (resuming per question); write results/rag.json.
 
     `inputs`: the result of `check_inputs(settings)` when the caller validated before loading the model.
@@ -119,7 +120,7 @@ def run_rag(lm: LoadedModel, settings: RagSettings, out: str | Path, static_rank
                          "opened_fraction": res.opened_fraction, "retrievals": [asdict(r) for r in res.retrievals]}
         return arrays, {"strategies": per}
 
-    run_samples(run, (encode(s, lm.tokenizer) for s in loaded), work, len(loaded), quiet)
+    runner(run, (encode(s, lm.tokenizer) for s in loaded), work, len(loaded), quiet)
     summary = summarize(run.sample_results(), settings.strategies, np.random.default_rng(settings.seed))
     run.write_result("rag", {**summary, "paper": PAPER_TABLE4, "load_report": asdict(loaded.report),
                              "n_docs": getattr(getattr(mode, "retriever", None), "n_docs", None)})

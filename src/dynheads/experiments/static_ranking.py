@@ -27,14 +27,18 @@ _KEY = re.compile(r"^L?(\d+)-H?(\d+)$")
 
 def load_static_ranking(path: str | None, lm: LoadedModel, niah: NiahConfig, sample_ids: set[str],
                         detection: NiahConfig, detection_out: Path, trace: TraceConfig = TraceConfig(),
-                        quiet: bool = False) -> tuple[np.ndarray, dict]:
-    """(ranking [L, H], a description of its source) from `path`, or from a fresh detection pass."""
+                        quiet: bool = False, runner=None) -> tuple[np.ndarray, dict]:
+    """(ranking [L, H], a description of its source) from `path`, or from a fresh detection pass.
+
+    `runner` drives the detection pass's samples (default: one after another in this process).
+    """
     if path is None:
         if niah.needles:
             raise ConfigError("give --static-ranking when using a needle file (a detection pass would reuse its needles)")
         from dynheads.experiments.trace import run_niah
 
-        run_niah(lm, detection, detection_out, TraceConfig(max_new_tokens=trace.max_new_tokens), quiet)
+        extra = {} if runner is None else {"runner": runner}
+        run_niah(lm, detection, detection_out, TraceConfig(max_new_tokens=trace.max_new_tokens), quiet, **extra)
         path = str(detection_out)
     p = Path(path).expanduser()
     if p.is_dir():

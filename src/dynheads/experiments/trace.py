@@ -18,12 +18,12 @@ from dynheads.models import LoadedModel
 from dynheads.runs import RunDir
 from dynheads.scores.base import get_score
 from dynheads.tasks.niah import NiahConfig, niah_samples, score_response
-from dynheads.tracing.runner import first_checked, run_samples, trace_sample
+from dynheads.tracing.runner import Runner, first_checked, run_samples, trace_sample
 from dynheads.tracing.tracer import TraceConfig, Tracer
 
 
 def run_niah(lm: LoadedModel, niah: NiahConfig, out: str | Path, trace: TraceConfig = TraceConfig(),
-             quiet: bool = False) -> RunDir:
+             quiet: bool = False, runner: Runner = run_samples) -> RunDir:
     """Trace a NIAH grid into `out` (resuming finished samples) with the Eq. 1 copy-paste score."""
     score = get_score("copy_paste")
     n_needles = getattr(niah, "num_needles", 1)  # MultiNiahConfig (tasks/multineedle.py): one span per needle
@@ -47,7 +47,7 @@ def run_niah(lm: LoadedModel, niah: NiahConfig, out: str | Path, trace: TraceCon
                                       else np.zeros((0,) + lm.layout.shape, np.int8))
         return arrays, result
 
-    run_samples(run, samples, work, total, quiet)
+    runner(run, samples, work, total, quiet)
     return run
 
 
@@ -139,7 +139,7 @@ def load_questions(task: MultihopConfig):
 
 def run_multihop(lm: LoadedModel, data_path: str | Path, limit: int | None, out: str | Path,
                  trace_config: TraceConfig = TraceConfig(), format: str = "auto", quiet: bool = False,
-                 prompt: str = "short") -> RunDir:
+                 prompt: str = "short", runner: Runner = run_samples) -> RunDir:
     """Trace multi-hop QA into `out` (resuming) with the Eq. 2 reasoning score on the supporting facts.
 
     Writes per-sample EM/F1, context length and support depth; results/multihop.json holds the load
@@ -170,7 +170,7 @@ def run_multihop(lm: LoadedModel, data_path: str | Path, limit: int | None, out:
         depth = support_depth(enc.sample.spans["support"], len(enc.sample.context))
         return arrays, {**result, "context_length": ce - cs, "support_depth": depth}
 
-    run_samples(run, samples, work, len(loaded), quiet)
+    runner(run, samples, work, len(loaded), quiet)
     write_multihop_summary(run, loaded.report)
     return run
 

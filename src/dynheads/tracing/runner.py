@@ -35,6 +35,11 @@ def first_checked(samples: Iterable[T]) -> Iterator[T]:
     return items if first is None else itertools.chain([first], items)
 
 
+# Drives `work` over the unfinished samples into a run folder: `run_samples` here, or a distributed
+# runner (sweep/ray_runner.py) that writes the same folder from the driver.
+Runner = Callable[..., int]
+
+
 def run_samples(run: RunDir, samples: Iterable[EncodedSample], work: SampleWork, total: int | None = None,
                 quiet: bool = False) -> int:
     """Apply `work` to every unfinished sample and write its records; returns how many were run."""
@@ -51,9 +56,7 @@ def run_samples(run: RunDir, samples: Iterable[EncodedSample], work: SampleWork,
             if encoded.sample.id in done:
                 continue
             arrays, result = work(encoded)
-            run.write_sample(encoded.sample.id, arrays, {
-                "order": order, "sample": encoded.sample.to_json(), "token_spans": encoded.token_spans,
-                "prompt_tokens": encoded.prompt_len, "context_tokens": list(encoded.context_tokens), **result})
+            write_sample(run, order, encoded, arrays, result)
             n_run += 1
             last = encoded.sample.id
     except KeyboardInterrupt:
@@ -65,6 +68,14 @@ def run_samples(run: RunDir, samples: Iterable[EncodedSample], work: SampleWork,
     finally:
         bar.close()
     return n_run
+
+
+def write_sample(run: RunDir, order: int, encoded: EncodedSample, arrays: dict[str, np.ndarray],
+                 result: dict[str, Any]) -> None:
+    """Write one finished sample (records, then its result file) with the fields every run carries."""
+    run.write_sample(encoded.sample.id, arrays, {
+        "order": order, "sample": encoded.sample.to_json(), "token_spans": encoded.token_spans,
+        "prompt_tokens": encoded.prompt_len, "context_tokens": list(encoded.context_tokens), **result})
 
 
 def trace_sample(tracer: Tracer, encoded: EncodedSample, score: HeadScore,

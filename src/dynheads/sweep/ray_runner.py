@@ -1,0 +1,197 @@
+"""Samples as Ray tasks on actors that hold the model; the driver alone writes the run folder.
+
+A `RayPool` starts one actor per worker (`num_gpus`/`num_cpus` per actor from flags); each loads
+the model once. `RayPool.runner(driver_lm)` has the signature of `tracing.runner.run_samples`, so
+every experiment runs unchanged: the driver builds the run folder, its config and its samples
+with a weightless copy of the model (meta device), and ships the experiment's per-sample work
+function to the actors once per run. While pickling it, every reference to the driver's model
+(the LoadedModel, its module and tokenizer, and Tracers over it) is replaced by a placeholder
+that each actor resolves to its own loaded model. Finished samples come back to the driver, which
+writes them with the same atomic per-sample rule as a local run; a worker that dies has its
+unfinished samples handed to the others, and a rerun finishes whatever is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import sys
+from collections import deque
+from typing import Any, Iterable
+
+from dynheads.errors import DynheadsError
+
+log = logging.getLogger(__name__)
+IN_FLIGHT = 2  # samples queued per actor, so an actor never waits for the driver's write
+
+
+def connect(address: str | None, num_cpus: int) -> None:
+    """Join the cluster at `address`, or start a local Ray instance bound to 127.0.0.1 only."""
+    if not address:
+        # Ray resolves 127.0.0.1 to the host's reachable IP (and its servers bind to it) unless cluster
+        # mode is off; read once when ray is imported, and inherited by every process it starts.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+             log_to_driver=False, logging_level=logging.ERROR)
+    if ray.util.get_node_ip_address() != "127.0.0.1":  # ray was imported before the variable was set
+        ray.shutdown()
+        raise DynheadsError("a local Ray instance would not be bound to 127.0.0.1 only: import ray after "
+                            "setting RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, or start one with `ray start --head`")
+
+
+class SampleWorker:
+    """A Ray actor: one loaded model; runs shipped per-sample work functions on samples."""
+
+    def __init__(self, model, threads: int):
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.lm = model.load(weights=True)
+        self._work: dict[str, Any] = {}
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, blob: bytes, key: str, encoded) -> tuple[dict, dict]:
+        if key not in self._work:
+            self._work = {key: load_work(blob, self.lm)}  # one run at a time per actor
+        return self._work[key](encoded)
+
+
+class RayPool:
+    """Actors holding one model, and the runner that feeds them samples."""
+
+    def __init__(self, model, workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+                 threads: int = 1):
+        import ray
+
+        if workers < 1:
+            raise DynheadsError("--workers must be at least 1")
+        actor = ray.remote(SampleWorker).options(num_gpus=gpus_per_worker, num_cpus=cpus_per_worker, max_restarts=0)
+        self.actors = [actor.remote(model, threads) for _ in range(workers)]
+        self.pids = _get(ray, [a.ready.remote() for a in self.actors])  # loads surface here as one-line errors
+
+    def runner(self, driver_lm):
+        """A `run_samples`-compatible runner whose work runs on the actors."""
+
+        def run_samples(run, samples: Iterable, work, total: int | None = None, quiet: bool = False) -> int:
+            return self.run_samples(driver_lm, run, samples, work, total, quiet)
+
+        return run_samples
+
+    def run_samples(self, driver_lm, run, samples: Iterable, work, total: int | None = None,
+                    quiet: bool = False) -> int:
+        """Send every unfinished sample to an actor; write each result as it returns."""
+        import ray
+        from ray.exceptions import RayActorError
+        from tqdm import tqdm
+
+        from dynheads.tracing.runner import write_sample
+
+        done = run.done_samples()
+        queue = deque((order, enc) for order, enc in enumerate(samples) if enc.sample.id not in done)
+        if not queue:
+            return 0
+        blob = dump_work(work, driver_lm)
+        key, ref = hashlib.sha256(blob).hexdigest(), ray.put(blob)
+        load = {a: 0 for a in self.actors}
+        flight: dict[Any, tuple[Any, int, Any]] = {}
+        n_run = 0
+        bar = tqdm(total=len(queue), desc=run.path.name, unit="sample", file=sys.stderr, disable=quiet, leave=False)
+        try:
+            while queue or flight:
+                for a in list(load):
+                    while queue and load[a] < IN_FLIGHT:
+                        order, enc = queue.popleft()
+                        flight[a.run.remote(ref, key, enc)] = (a, order, enc)
+                        load[a] += 1
+                ready, _ = ray.wait(list(flight), num_returns=1)
+                a, order, enc = flight.pop(ready[0])
+                try:
+                    arrays, result = _get(ray, ready[0])
+                except RayActorError:
+                    self._drop(a, load, flight, queue)
+                    queue.appendleft((order, enc))
+                    continue
+                load[a] -= 1
+                write_sample(run, order, enc, arrays, result)
+                n_run += 1
+                bar.update(1)
+        finally:
+            bar.close()
+        return n_run
+
+    def _drop(self, actor, load: dict, flight: dict, queue: deque) -> None:
+        """Forget a dead actor; its other queued samples go back to the front of the queue."""
+        load.pop(actor, None)
+        if actor in self.actors:
+            self.actors.remove(actor)
+            log.warning("a Ray worker died; %d workers left", len(self.actors))
+        for ref, (a, order, enc) in list(flight.items()):
+            if a is actor:
+                del flight[ref]
+                queue.appendleft((order, enc))
+        if not self.actors:
+            raise DynheadsError(f"all Ray workers died; finished samples are kept ({len(queue) + 1} left): "
+                                "rerun the same command to resume")
+
+
+def dump_work(work, driver_lm) -> bytes:
+    """Pickle a per-sample work function with the driver's model replaced by placeholders."""
+    from ray import cloudpickle
+
+    from dynheads.tracing.tracer import Tracer
+
+    class DriverPickler(cloudpickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is driver_lm:
+                return "lm"
+            if obj is driver_lm.model:
+                return "model"
+            if obj is driver_lm.tokenizer:
+                return "tokenizer"
+            if isinstance(obj, Tracer) and obj.lm is driver_lm:
+                return ("tracer", obj.config)
+            if getattr(obj, "is_meta", False):
+                raise DynheadsError("a per-sample work function holds a weightless (meta) tensor of the driver; "
+                                    "it can only run locally")
+            return None
+
+    buf = io.BytesIO()
+    DriverPickler(buf, protocol=5).dump(work)
+    return buf.getvalue()
+
+
+def load_work(blob: bytes, lm):
+    """Unpickle a work function onto this process's loaded model."""
+    from dynheads.tracing.tracer import Tracer
+
+    class WorkerUnpickler(pickle.Unpickler):
+        def persistent_load(self, pid):
+            if isinstance(pid, tuple) and pid[0] == "tracer":
+                return Tracer(lm, pid[1])
+            return {"lm": lm, "model": lm.model, "tokenizer": lm.tokenizer}[pid]
+
+    return WorkerUnpickler(io.BytesIO(blob)).load()
+
+
+def _get(ray, refs):
+    """ray.get, with an error raised inside a task re-raised as itself (one-line errors stay one line)."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise

@@ -1,0 +1,81 @@
+"""Run a sweep's cells: locally in order, or with every sample a Ray task (ray_runner.py).
+
+Each cell calls the same function as the command it names (commands.py) with the model loaded
+once per model: locally the weights live in this process; on Ray each actor holds them and this
+process (the driver) keeps a weightless copy for configs and samples, and alone writes the runs.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dynheads.commands import commands
+from dynheads.sweep.spec import Cell
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a Ray sweep runs."""
+
+    address: str | None = None  # an existing cluster ("auto", "HOST:PORT"); None = a local instance on 127.0.0.1
+    workers: int = 2  # actors, each holding the model once
+    gpus_per_worker: float = 0.0  # Ray num_gpus per actor (a fraction packs several actors on one GPU)
+    cpus_per_worker: float = 1.0  # Ray num_cpus per actor
+
+
+def check_cells(cells: list[Cell]) -> None:
+    """Every cell's parameters, before any model loads (one-line errors name the cell)."""
+    from dynheads.errors import DynheadsError
+
+    for cell in cells:
+        try:
+            commands.get(cell.experiment).check(**cell.params)
+        except DynheadsError as exc:
+            raise type(exc)(f"sweep cell {cell.name}: {exc}") from None
+
+
+def run_sweep(cells: list[Cell], out: str | Path, ray: RayOptions | None = None, threads: int = 1,
+              quiet: bool = False, on_cell: Callable[[Cell, Path], None] | None = None) -> list[Path]:
+    """Run every cell into `out/<cell name>` (resuming finished samples); returns the run folders."""
+    check_cells(cells)
+    out = Path(out)
+    folders = []
+    if ray is None and threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    if ray is not None:
+        from dynheads.sweep import ray_runner
+
+        ray_runner.connect(ray.address, num_cpus=max(1, int(ray.workers * ray.cpus_per_worker)))
+    try:
+        for model, group in itertools.groupby(cells, key=lambda c: c.model):
+            lm, runner, pool = _model_runner(model, ray, threads)
+            for cell in group:
+                command = commands.get(cell.experiment)
+                command.run(lm, out / cell.name, quiet=quiet, runner=runner, **cell.params)
+                folders.append(out / cell.name)
+                if on_cell is not None:
+                    on_cell(cell, out / cell.name)
+            del lm, runner, pool  # a pool's actors end with it, before the next model's start
+    finally:
+        if ray is not None:
+            import ray as ray_lib
+
+            ray_lib.shutdown()
+    return folders
+
+
+def _model_runner(model, ray: RayOptions | None, threads: int):
+    """(model for the driver, runner, pool): real weights and run_samples locally; on Ray a meta copy."""
+    if ray is None:
+        from dynheads.tracing.runner import run_samples
+
+        return model.load(weights=True), run_samples, None
+    from dynheads.sweep.ray_runner import RayPool
+
+    lm = model.load(weights=False)  # model errors (missing file, bad source) fail here, before any actor
+    pool = RayPool(model, ray.workers, ray.gpus_per_worker, ray.cpus_per_worker, threads)
+    return lm, pool.runner(lm), pool
