@@ -34,7 +34,10 @@ def connect(address: str | None, num_cpus: int) -> None:
         # mode is off; read once when ray is imported, and inherited by every process it starts.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise DynheadsError("--ray needs Ray: pip install 'dynheads[ray]'") from None
 
     if address:
         ray.init(address=address, log_to_driver=False)
@@ -72,13 +75,33 @@ class RayPool:
 
     def __init__(self, model, workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                  threads: int = 1):
-        import ray
-
         if workers < 1:
             raise DynheadsError("--workers must be at least 1")
-        actor = ray.remote(SampleWorker).options(num_gpus=gpus_per_worker, num_cpus=cpus_per_worker, max_restarts=0)
-        self.actors = [actor.remote(model, threads) for _ in range(workers)]
-        self.pids = _get(ray, [a.ready.remote() for a in self.actors])  # loads surface here as one-line errors
+        self.model, self.threads, self.workers = model, threads, workers
+        self.resources = {"num_gpus": gpus_per_worker, "num_cpus": cpus_per_worker}
+        self.actors: list = []
+        self.started = False  # actors start with the first run that has unfinished samples
+
+    def start(self) -> None:
+        """Start the actors; each loads the model once (a model that fails to load surfaces here)."""
+        import ray
+
+        actor = ray.remote(SampleWorker).options(max_restarts=0, **self.resources)
+        self.actors = [actor.remote(self.model, self.threads) for _ in range(self.workers)]
+        self.started = True
+        try:
+            _get(ray, [a.ready.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DynheadsError(f"a Ray worker could not load {self.model.source}: {first}") from None
+
+    def close(self) -> None:
+        """End the actors now (their handles going out of scope would end them later)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
     def runner(self, driver_lm):
         """A `run_samples`-compatible runner whose work runs on the actors."""
@@ -101,7 +124,9 @@ class RayPool:
         queue = deque((order, enc) for order, enc in enumerate(samples) if enc.sample.id not in done)
         if not queue:
             return 0
-        blob = dump_work(work, driver_lm)
+        blob = dump_work(work, driver_lm)  # before any actor starts: work that cannot be shipped fails fast
+        if not self.started:
+            self.start()
         key, ref = hashlib.sha256(blob).hexdigest(), ray.put(blob)
         load = {a: 0 for a in self.actors}
         flight: dict[Any, tuple[Any, int, Any]] = {}
@@ -109,11 +134,11 @@ class RayPool:
         bar = tqdm(total=len(queue), desc=run.path.name, unit="sample", file=sys.stderr, disable=quiet, leave=False)
         try:
             while queue or flight:
-                for a in list(load):
-                    while queue and load[a] < IN_FLIGHT:
-                        order, enc = queue.popleft()
-                        flight[a.run.remote(ref, key, enc)] = (a, order, enc)
-                        load[a] += 1
+                while queue and min(load.values()) < IN_FLIGHT:  # round-robin: the least loaded actor first
+                    a = min(load, key=load.get)
+                    order, enc = queue.popleft()
+                    flight[a.run.remote(ref, key, enc)] = (a, order, enc)
+                    load[a] += 1
                 ready, _ = ray.wait(list(flight), num_returns=1)
                 a, order, enc = flight.pop(ready[0])
                 try:

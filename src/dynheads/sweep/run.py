@@ -46,26 +46,36 @@ def run_sweep(cells: list[Cell], out: str | Path, ray: RayOptions | None = None,
         import torch
 
         torch.set_num_threads(threads)
-    if ray is not None:
+    owned = ray is not None and not _ray_connected()  # a caller's connection (tests, notebooks) is kept
+    if owned:
         from dynheads.sweep import ray_runner
 
         ray_runner.connect(ray.address, num_cpus=max(1, int(ray.workers * ray.cpus_per_worker)))
     try:
         for model, group in itertools.groupby(cells, key=lambda c: c.model):
             lm, runner, pool = _model_runner(model, ray, threads)
-            for cell in group:
-                command = commands.get(cell.experiment)
-                command.run(lm, out / cell.name, quiet=quiet, runner=runner, **cell.params)
-                folders.append(out / cell.name)
-                if on_cell is not None:
-                    on_cell(cell, out / cell.name)
-            del lm, runner, pool  # a pool's actors end with it, before the next model's start
+            try:
+                for cell in group:
+                    command = commands.get(cell.experiment)
+                    command.run(lm, out / cell.name, quiet=quiet, runner=runner, **cell.params)
+                    folders.append(out / cell.name)
+                    if on_cell is not None:
+                        on_cell(cell, out / cell.name)
+            finally:
+                if pool is not None:  # this model's actors end before the next model's start
+                    pool.close()
     finally:
-        if ray is not None:
+        if owned:
             import ray as ray_lib
 
             ray_lib.shutdown()
     return folders
+
+
+def _ray_connected() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def _model_runner(model, ray: RayOptions | None, threads: int):

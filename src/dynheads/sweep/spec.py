@@ -153,7 +153,10 @@ def _model_name(model: ModelSpec) -> str:
     if model.name:
         return model.name
     source = model.source.rstrip("/")
-    return Path(source).stem if source.endswith(".gguf") else source.replace("/", "_").lstrip("._~") or "model"
+    if source.startswith(("/", ".", "~")) or Path(source).exists():  # a file or folder: its own name
+        path = Path(source).expanduser()
+        return path.stem if path.suffix == ".gguf" else path.name
+    return source.replace("/", "_")  # "default" or a cached Hub id (org/name)
 
 
 def _value_name(value: Any) -> str:

@@ -1,0 +1,69 @@
+"""Sweep SPECs: cells (folder names, seeds, grids) and one-line errors for bad specs."""
+import pytest
+
+from dynheads.errors import ConfigError
+from dynheads.sweep.spec import ModelSpec, cells_of, load_spec
+
+
+def test_cells_cross_models_grid_and_seeds_with_deterministic_names():
+    raw = {"models": ["default", {"source": "/m/llama-7b", "dtype": "bfloat16", "device_map": {"model": 0}}],
+           "seeds": [0, 1],
+           "experiments": [{"name": "niah", "lengths": [1000], "depths": [0, 100], "grid": {"max_new_tokens": [16, 32]}},
+                           {"name": "multihop", "data": "q.json", "limit": 5}]}
+    cells = cells_of(raw)
+    assert [c.name for c in cells] == [
+        "niah__default__max_new_tokens=16__seed0", "niah__default__max_new_tokens=16__seed1",
+        "niah__default__max_new_tokens=32__seed0", "niah__default__max_new_tokens=32__seed1",
+        "multihop__default",  # multihop takes no seed: one cell, no seed suffix
+        "niah__llama-7b__max_new_tokens=16__seed0", "niah__llama-7b__max_new_tokens=16__seed1",
+        "niah__llama-7b__max_new_tokens=32__seed0", "niah__llama-7b__max_new_tokens=32__seed1",
+        "multihop__llama-7b"]
+    assert cells[1].params == {"lengths": [1000], "depths": [0, 100], "max_new_tokens": 16, "seed": 1}
+    assert cells[4].params == {"data": "q.json", "limit": 5}
+    assert cells[5].model == ModelSpec("/m/llama-7b", dtype="bfloat16", device_map='{"model": 0}')
+    assert cells_of(raw) == cells  # the same spec names the same folders on a rerun
+
+
+def test_smoke_example_is_four_niah_samples_at_1k(tmp_path):
+    from pathlib import Path
+
+    cells = load_spec(Path(__file__).resolve().parents[3] / "examples" / "sweep-smoke.toml")
+    n = 0
+    for c in cells:
+        assert c.experiment == "niah" and c.model.source == "default" and set(c.params["lengths"]) == {1000}
+        n += len(c.params["lengths"]) * len(c.params["depths"]) * c.params.get("samples_per_cell", 2)
+    assert n == 4
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"experiments": []}, "no [[experiments]]"),
+    ({"model": ["default"], "experiments": [{"name": "niah"}]}, "unknown key 'model'"),
+    ({"experiments": [{"name": "nope"}]}, "unknown experiment 'nope'"),
+    ({"experiments": [{"name": "niah", "length": [1000]}]}, "unknown parameter 'length'"),
+    ({"experiments": [{"name": "niah", "seed": 3}]}, "not 'seed'"),
+    ({"experiments": [{"name": "niah", "grid": {"depths": []}}]}, "non-empty list"),
+    ({"experiments": [{"name": "niah", "depths": [0], "grid": {"depths": [[0]]}}]}, "both fixed and in the grid"),
+    ({"experiments": [{"name": "niah"}, {"name": "niah", "depths": [50]}]}, "give the experiments a 'label'"),
+    ({"seeds": ["a"], "experiments": [{"name": "niah"}]}, "list of integers"),
+    ({"models": [{"path": "x"}], "experiments": [{"name": "niah"}]}, "table with 'source'"),
+])
+def test_bad_specs_are_one_line_config_errors(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        cells_of(raw)
+
+
+def test_labels_separate_two_runs_of_one_command_and_bad_toml_names_the_file(tmp_path):
+    raw = {"experiments": [{"name": "niah"}, {"name": "niah", "label": "niah-mid", "depths": [50]}]}
+    assert [c.name for c in cells_of(raw)] == ["niah__default__seed0", "niah-mid__default__seed0"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("models = [")
+    with pytest.raises(ConfigError, match="bad.toml is not valid TOML"):
+        load_spec(bad)
+
+
+def test_cells_are_checked_before_any_model_loads():
+    from dynheads.sweep.run import check_cells
+
+    cells = cells_of({"experiments": [{"name": "niah", "depths": [0, 150]}]})
+    with pytest.raises(ConfigError, match="sweep cell niah__default__seed0: depth 150 is outside 0-100"):
+        check_cells(cells)
