@@ -140,3 +140,19 @@ def test_rerun_after_all_workers_died_finishes_the_missing_samples_only(local_ra
     now = {p.name: p.stat().st_mtime_ns for p in (tmp_path / RUN / "samples").glob("*.json")}
     assert len(now) == 4 and all(now[k] == v for k, v in finished.items())
     _assert_same_run(local_run, tmp_path / RUN)
+
+
+@pytest.mark.parametrize("case", ["missing_spec", "bad_argument", "bad_cell"])
+def test_sweep_bad_input_is_a_one_line_error(case, tmp_path):
+    from e2e.helpers import assert_one_line_error, dynheads
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('[[experiments]]\nname = "niah"\nlengths = [300]\ndepths = [0, 150]\n')
+    if case == "missing_spec":
+        assert_one_line_error(dynheads("sweep", tmp_path / "nope.toml", "--out", tmp_path / "o"), "does not exist")
+    elif case == "bad_argument":
+        assert_one_line_error(dynheads("sweep", spec, "--out", tmp_path / "o", "--rya"), "unexpected argument")
+    else:  # checked before any model loads or Ray starts
+        assert_one_line_error(dynheads("sweep", spec, "--out", tmp_path / "o", "--ray"),
+                              "sweep cell niah__default__seed0: depth 150 is outside 0-100")
+    assert not (tmp_path / "o").exists()

@@ -67,3 +67,14 @@ def test_cells_are_checked_before_any_model_loads():
     cells = cells_of({"experiments": [{"name": "niah", "depths": [0, 150]}]})
     with pytest.raises(ConfigError, match="sweep cell niah__default__seed0: depth 150 is outside 0-100"):
         check_cells(cells)
+
+
+def test_ray_flag_takes_an_optional_address():
+    from dynheads.cli.sweep import _ray_flag
+
+    assert _ray_flag([]) == (None, False)
+    assert _ray_flag(["--ray"]) == (None, True)
+    assert _ray_flag(["--ray", "10.0.0.1:6379"]) == ("10.0.0.1:6379", True)
+    assert _ray_flag(["--ray=auto"]) == ("auto", True)
+    with pytest.raises(ConfigError, match="unexpected argument '--rya'"):
+        _ray_flag(["--rya"])
