@@ -57,11 +57,11 @@ def run_niah(lm, out, *, lengths=(1000, 2000, 4000), depths=(0, 25, 50, 75, 100)
 
 
 def check_niah(lengths=(1000,), depths=(0,), samples_per_cell: int = 2, haystack: str | None = None,
-               needles: str | None = None, **_):
-    """The NIAH grid and its input files (the lengths against the model are checked when samples are built)."""
+               needles: str | None = None, out=None, **_):
+    """The NIAH grid, its input files and --out (the lengths against the model are checked with the samples)."""
     from dynheads.cli.trace import check_niah as check_grid
 
-    check_grid(niah_config(lengths, depths, samples_per_cell, haystack, needles))
+    check_grid(niah_config(lengths, depths, samples_per_cell, haystack, needles), out)
 
 
 commands.register("niah")(Command(check_niah, run_niah))
@@ -84,12 +84,14 @@ def run_ablate(lm, out, *, lengths=(1000, 2000, 4000), depths=(0, 25, 50, 75, 10
 
 
 def check_ablate(lengths=(1000,), depths=(0,), samples_per_cell: int = 3, method: str = "zero",
-                 match: str = "average", haystack: str | None = None, static_ranking: str | None = None, **_):
+                 match: str = "average", haystack: str | None = None, static_ranking: str | None = None,
+                 out=None, **_):
     from dynheads.cli.ablation import _check_ranking
-    from dynheads.experiments.ablation import AblationConfig
 
-    check_niah(lengths, depths, samples_per_cell, haystack)
+    check_niah(lengths, depths, samples_per_cell, haystack, None, out)
     _check_ranking(static_ranking)
+    from dynheads.experiments.ablation import AblationConfig  # imports torch: after the cheap checks
+
     AblationConfig(method=method, match=match)
 
 
@@ -113,15 +115,16 @@ def run_ablate_progressive(lm, out, *, length: int = 2000, ks=(0, 5, 10, 15, 20,
 
 
 def check_ablate_progressive(length: int = 2000, ks=(0,), samples: int = 20, method: str = "zero",
-                             haystack: str | None = None, static_ranking: str | None = None, **_):
+                             haystack: str | None = None, static_ranking: str | None = None, out=None, **_):
     from dynheads.cli.ablation import _check_ranking
-    from dynheads.experiments.ablation import AblationConfig
 
     k_values = _ints(ks, "ks")
     if min(k_values) < 0:  # k above the head count fails once the model is known
         raise ConfigError(f"k = {min(k_values)} must not be negative")
-    check_niah((length,), (0.0,), samples, haystack)
+    check_niah((length,), (0.0,), samples, haystack, None, out)
     _check_ranking(static_ranking)
+    from dynheads.experiments.ablation import AblationConfig  # imports torch: after the cheap checks
+
     AblationConfig(method=method)
 
 

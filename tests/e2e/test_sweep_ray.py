@@ -43,17 +43,18 @@ def hard_timeout():
     def expire(*_):
         raise TimeoutError(f"Ray sweep test ran past {HARD_LIMIT_S} s")
 
-    previous = signal.signal(signal.SIGALRM, expire)
+    previous, threads = signal.signal(signal.SIGALRM, expire), torch.get_num_threads()
     signal.alarm(HARD_LIMIT_S)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
+    torch.set_num_threads(threads)  # run_sweep sets this process's threads (the driver's config records them)
 
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     threads = torch.get_num_threads()
-    try:
+    try:  # 1 thread, as each Ray worker below
         run_sweep(CELLS, tmp_path_factory.mktemp("local"), threads=1, quiet=True)
     finally:
         torch.set_num_threads(threads)

@@ -42,10 +42,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Per-step ablation (Fig. 2): mask dynamic, static, static-excluding-dynamic or random heads."""
         from dynheads.commands import check_ablate, run_ablate
-        from dynheads.runs import check_out
 
-        check_ablate(lengths, depths, samples_per_cell, method, match, haystack, static_ranking)  # before the model
-        check_out(out)
+        check_ablate(lengths, depths, samples_per_cell, method, match, haystack, static_ranking, out)  # before the model
         from dynheads.report.ablation_figures import ablation_table
 
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
@@ -80,10 +78,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Progressive ablation (Fig. 3): k heads per step, accuracy and compensation by static heads."""
         from dynheads.commands import check_ablate_progressive, run_ablate_progressive
-        from dynheads.runs import check_out
 
-        check_ablate_progressive(length, ks, samples, method, haystack, static_ranking)  # before the model
-        check_out(out)
+        check_ablate_progressive(length, ks, samples, method, haystack, static_ranking, out)  # before the model
         from dynheads.report.ablation_figures import progressive_table
 
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)

@@ -36,13 +36,15 @@ def check_cells(cells: list[Cell]) -> None:
             raise type(exc)(f"sweep cell {cell.name}: {exc}") from None
 
 
-def run_sweep(cells: list[Cell], out: str | Path, ray: RayOptions | None = None, threads: int = 1,
+def run_sweep(cells: list[Cell], out: str | Path, ray: RayOptions | None = None, threads: int = 0,
               quiet: bool = False, on_cell: Callable[[Cell, Path], None] | None = None) -> list[Path]:
     """Run every cell into `out/<cell name>` (resuming finished samples); returns the run folders."""
     check_cells(cells)
     out = Path(out)
     folders = []
-    if ray is None and threads > 0:
+    if ray is not None and threads <= 0:  # an actor's default: one torch thread per CPU Ray gives it
+        threads = max(1, int(ray.cpus_per_worker))
+    if threads > 0:  # here too on Ray, so each run's config records the threads its samples ran with
         import torch
 
         torch.set_num_threads(threads)
