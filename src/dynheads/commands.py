@@ -39,29 +39,31 @@ def _runner():
 
 # --- niah ------------------------------------------------------------------------------------
 def niah_config(lengths, depths, samples_per_cell: int = 2, haystack: str | None = None,
-                needles: str | None = None, seed: int = 0):
-    from dynheads.tasks.niah import NiahConfig
+                needles: str | None = None, seed: int = 0, num_needles: int = 1, mode: str | None = None):
+    """NiahConfig (one needle) or MultiNiahConfig (several) from the niah flags."""
+    from dynheads.tasks.multineedle import niah_config as config
 
-    return NiahConfig(_ints(lengths, "lengths"), _floats(depths, "depths"), samples_per_cell, haystack, needles, seed)
+    return config(num_needles, mode, lengths=_ints(lengths, "lengths"), depths=_floats(depths, "depths"),
+                  samples_per_cell=samples_per_cell, haystack=haystack, needles=needles, seed=seed)
 
 
 def run_niah(lm, out, *, lengths=(1000, 2000, 4000), depths=(0, 25, 50, 75, 100), samples_per_cell: int = 2,
-             haystack: str | None = None, needles: str | None = None, max_new_tokens: int = 48, topk: int = 1,
-             seed: int = 0, quiet: bool = False, runner=None):
+             haystack: str | None = None, needles: str | None = None, num_needles: int = 1, mode: str | None = None,
+             max_new_tokens: int = 48, topk: int = 1, seed: int = 0, quiet: bool = False, runner=None):
     """Trace a NIAH grid (the `niah` command)."""
     from dynheads.experiments.trace import run_niah as trace_niah
     from dynheads.tracing.tracer import TraceConfig
 
-    cfg = niah_config(lengths, depths, samples_per_cell, haystack, needles, seed)
+    cfg = niah_config(lengths, depths, samples_per_cell, haystack, needles, seed, num_needles, mode)
     return trace_niah(lm, cfg, out, TraceConfig(max_new_tokens=max_new_tokens, topk=topk), quiet, runner or _runner())
 
 
 def check_niah(lengths=(1000,), depths=(0,), samples_per_cell: int = 2, haystack: str | None = None,
-               needles: str | None = None, out=None, **_):
+               needles: str | None = None, out=None, num_needles: int = 1, mode: str | None = None, **_):
     """The NIAH grid, its input files and --out (the lengths against the model are checked with the samples)."""
     from dynheads.cli.trace import check_niah as check_grid
 
-    check_grid(niah_config(lengths, depths, samples_per_cell, haystack, needles), out)
+    check_grid(niah_config(lengths, depths, samples_per_cell, haystack, needles, 0, num_needles, mode), out)
 
 
 commands.register("niah")(Command(check_niah, run_niah))
