@@ -72,14 +72,14 @@ commands.register("niah")(Command(check_niah, run_niah))
 # --- ablation ----------------------------------------------------------------------------------
 def run_ablate(lm, out, *, lengths=(1000, 2000, 4000), depths=(0, 25, 50, 75, 100), samples_per_cell: int = 3,
                static_ranking: str | None = None, method: str = "zero", match: str = "average",
-               random_per_step: bool = False, haystack: str | None = None, max_new_tokens: int = 48,
+               match_scope: str = "run", random_per_step: bool = False, haystack: str | None = None, max_new_tokens: int = 48,
                n_boot: int = 2000, seed: int = 0, quiet: bool = False, runner=None):
     """Per-step ablation grid (the `ablate` command); returns (run, result)."""
     from dynheads.experiments import ablation as abl
     from dynheads.tracing.tracer import TraceConfig
 
     niah = niah_config(lengths, depths, samples_per_cell, haystack, None, seed)
-    config = abl.AblationConfig(method=method, match=match, random_per_step=random_per_step,
+    config = abl.AblationConfig(method=method, match=match, match_scope=match_scope, random_per_step=random_per_step,
                                 static_ranking=static_ranking, n_boot=n_boot, seed=seed)
     return abl.run_ablation(lm, niah, out, config, TraceConfig(max_new_tokens=max_new_tokens), quiet,
                             runner or _runner())
@@ -87,14 +87,14 @@ def run_ablate(lm, out, *, lengths=(1000, 2000, 4000), depths=(0, 25, 50, 75, 10
 
 def check_ablate(lengths=(1000,), depths=(0,), samples_per_cell: int = 3, method: str = "zero",
                  match: str = "average", haystack: str | None = None, static_ranking: str | None = None,
-                 out=None, **_):
+                 out=None, match_scope: str = "run", **_):
     from dynheads.cli.ablation import _check_ranking
 
     check_niah(lengths, depths, samples_per_cell, haystack, None, out)
     _check_ranking(static_ranking)
     from dynheads.experiments.ablation import AblationConfig  # imports torch: after the cheap checks
 
-    AblationConfig(method=method, match=match)
+    AblationConfig(method=method, match=match, match_scope=match_scope)
 
 
 commands.register("ablate")(Command(check_ablate, run_ablate))
