@@ -219,7 +219,8 @@ def reduce_rows(hooks: StepHooks, n_layers: int) -> dict[str, torch.Tensor]:
     Deferred to the end of the step so each reduction is one vectorised op over layers and heads
     instead of one small op per layer (on CPU the per-op overhead dominates at these sizes).
     """
-    probs = torch.stack([hooks.captured[layer] for layer in range(n_layers)])  # [L, H, S]
+    device = hooks.captured[0].device  # layers may sit on different devices (device maps)
+    probs = torch.stack([hooks.captured[layer].to(device) for layer in range(n_layers)])  # [L, H, S]
     n_keys = probs.shape[-1]
     if hooks.topk > 1:
         weights, pos = probs.topk(min(hooks.topk, n_keys), dim=-1)

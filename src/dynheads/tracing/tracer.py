@@ -111,7 +111,7 @@ class Tracer:
         self.lm = lm
         self.config = config
         self.stop_ids = set(end_of_turn_ids(lm.tokenizer, lm.model))
-        self.device = next(lm.model.parameters()).device
+        self.device = input_device(lm.model)
 
     # --- prefill -----------------------------------------------------------------------
     def prefill(self, input_ids: list[int], spans: dict[str, list[tuple[int, int]]] | None = None,
@@ -248,6 +248,14 @@ class Tracer:
         finally:
             if handle is not None:
                 handle.remove()
+
+
+def input_device(model) -> torch.device:
+    """Where input ids go: the input embeddings' execution device (accelerate offload keeps weights on meta)."""
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return torch.device(device) if device is not None else embeddings.weight.device
 
 
 def croppable_cache(config) -> DynamicCache:
