@@ -69,8 +69,9 @@ def test_same_command_resumes_without_redoing_and_same_seed_is_identical(niah_ru
     assert again.returncode == 0, again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.npz")} == before
     other = tmp_path / "again"
+    # identical at the same thread count (float sums in the attention rows depend on how torch splits them)
     assert dynheads("niah", "--model", "default", "--lengths", "300", "--depths", "0", "--samples-per-cell", "1",
-                    "--max-new-tokens", "40", "--out", other).returncode == 0
+                    "--max-new-tokens", "40", "--out", other, "--threads", "1").returncode == 0
     a, b = np.load(out / "records" / "niah-300-0-0.npz"), np.load(other / "records" / "niah-300-0-0.npz")
     assert sorted(a.files) == sorted(b.files)
     for name in a.files:
