@@ -11,7 +11,6 @@ Usage: python bench/ablation_overhead.py [--lengths 1000,2000,4000,8000] [--new-
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_times, niah_prompt  # noqa: E402
+from common import bench_arguments, median_times, niah_prompt  # noqa: E402
 
 from dynheads.interventions.selectors import build, make_intervention  # noqa: E402
 from dynheads.models import load_model  # noqa: E402
@@ -36,11 +35,7 @@ def plain_exact(lm, input_ids: list[int], new_tokens: int, pad_id: int) -> list[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="1000,2000,4000,8000")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = bench_arguments("per-step ablation vs plain generation")
     ap.add_argument("--method", default="zero")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -8,14 +8,13 @@ Usage: python bench/trace_overhead.py [--lengths 1000,2000,4000,8000] [--new-tok
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_times, niah_prompt, peak_growth_in_child, plain_generate, report_child_growth  # noqa: E402
+from common import bench_arguments, median_times, niah_prompt, peak_growth_in_child, plain_generate, report_child_growth  # noqa: E402
 
 from dynheads.models import load_model  # noqa: E402
 from dynheads.tracing.tracer import TraceConfig, Tracer  # noqa: E402
@@ -30,12 +29,7 @@ def conditions(lm, tracer, enc, new_tokens):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="1000,2000,4000,8000")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--child", nargs=2, metavar=("CONDITION", "LENGTH"), help=argparse.SUPPRESS)
+    ap = bench_arguments("traced vs plain generation")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("default")
