@@ -129,7 +129,7 @@ class Tracer:
         if not todo:
             return
         hooks = StepHooks(seq_len=len(state.ids) - 1, hidden_keys=_as_mask(hidden_keys, len(state.ids) - 1))
-        with tracing(self.lm.model, hooks), torch.no_grad():
+        with tracing(self.lm.model, hooks), torch.inference_mode():
             self.lm.model(input_ids=torch.tensor([todo], device=self.device), cache=state.cache,
                           use_cache=True, logits_to_keep=1)
         self._check_coverage(hooks.layers_seen)
@@ -243,7 +243,7 @@ class Tracer:
             return StepView(t, token, entropy, float(logp[token]), arrays, hidden)
 
         try:
-            with tracing(model, hooks), torch.no_grad():
+            with tracing(model, hooks), torch.inference_mode():
                 yield run_step
         finally:
             if handle is not None:
