@@ -61,3 +61,22 @@ def test_a_detection_run_of_the_same_samples_is_refused(runs):
                      "--lengths", "400", "--depths", "0", "--samples-per-cell", "1", "--seed", "1", *SHORT,
                      "--out", root / "bad")
     assert_one_line_error(proc, "traced evaluated sample niah-400-0-0")
+
+
+def test_sparse_runs_on_multi_needle_niah(runs):
+    """RULER-style multikey prompts are a task for `sparse` too: the single-needle detection run ranks the heads."""
+    root, _ = runs
+    out = root / "multikey"
+    proc = _dynheads("sparse", "--detection", root / "det", "--policies", "full,static", "--budgets", "16",
+                     "--lengths", "400", "--depths", "50", "--samples-per-cell", "1", "--num-needles", "2",
+                     "--mode", "multikey", "--n-boot", "200", *SHORT, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["task"]["num_needles"] == 2 and cfg["task"]["mode"] == "multikey"
+    (sample_file,) = (out / "samples").glob("*.json")
+    sample = json.loads(sample_file.read_text())
+    assert {"needle", "needle_0", "needle_1"} <= set(sample["token_spans"])
+    assert set(sample["conditions"]) == {"full", "static@16"}
+    assert sample["conditions"]["full"]["kv_read"] == 1.0
+    result = json.loads((out / "results" / "sparse.json").read_text())
+    assert result["n_samples"] == 1 and set(result["conditions"]) == {"full", "static@16"}

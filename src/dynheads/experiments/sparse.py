@@ -159,20 +159,26 @@ def summarise(rows: list[dict], config: SparseConfig) -> dict:
             "verdict": verdict(tests)}
 
 
-def verdict(tests: list[dict]) -> str:
-    """The answer to 'does predicted beat static at equal budget, and from which budget on' (accuracy)."""
+def verdict(tests: list[dict], alpha: float = 0.05) -> str:
+    """The answer to 'does predicted beat static at equal budget, and from which budget on' (accuracy).
+
+    A budget counts as a win when the 95% bootstrap CI of the paired accuracy difference lies above 0 *and*
+    the Wilcoxon signed-rank p < alpha: the bootstrap alone calls a single lucky sample a win (its CI is
+    the one value), the test needs enough discordant pairs. Losses are the mirror image.
+    """
     acc = sorted((t for t in tests if t["metric"] == "accuracy"), key=lambda t: t["budget"])
     if not acc:
         return "predicted vs static not compared (both policies are needed)"
-    wins = [t["budget"] for t in acc if t["low"] > 0]
-    losses = [t["budget"] for t in acc if t["high"] < 0]
+    won = lambda t: t["low"] > 0 and t["p_value"] < alpha  # noqa: E731
+    wins = [t["budget"] for t in acc if won(t)]
+    losses = [t["budget"] for t in acc if t["high"] < 0 and t["p_value"] < alpha]
+    rule = f"95% CI of the paired accuracy difference above 0 and Wilcoxon p < {alpha:g}"
     if not wins:
-        return ("predicted does not beat static at any budget (95% CI of the paired accuracy difference includes 0 "
-                "or is below)" + (f"; static is better at k = {losses}" if losses else ""))
-    from_k = next((k for i, k in enumerate(t["budget"] for t in acc)
-                   if all(t["low"] > 0 for t in acc[i:])), None)
+        return (f"predicted does not beat static at any budget (needs {rule})"
+                + (f"; static is better at k = {losses}" if losses else ""))
+    from_k = next((k for i, k in enumerate(t["budget"] for t in acc) if all(won(t) for t in acc[i:])), None)
     tail = f", at every budget from k = {from_k} on" if from_k is not None else ""
-    return f"predicted beats static at k = {wins} (95% CI of the paired accuracy difference above 0){tail}"
+    return f"predicted beats static at k = {wins} ({rule}){tail}"
 
 
 # --- internals -----------------------------------------------------------------------------

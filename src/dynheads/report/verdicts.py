@@ -41,12 +41,12 @@ def claim1(data: dict[str, Any]) -> Verdict:
         return Verdict(name, NOT_COMPARABLE, f"the model answers only {acc:.2f} of NIAH samples")
     s = dyn["stats"]
     checks = [
-        (f"Jaccard with static top-{len(s['static_heads'])} upper 95% bound {ci['jaccard_static'][1]:.3f} < "
-         f"{J_STATIC_MAX}", ci["jaccard_static"][1] < J_STATIC_MAX),
-        (f"adjacent Jaccard upper 95% bound {ci['adjacent_jaccard'][1]:.3f} < {J_ADJ_MAX}",
+        (f"Jaccard with static top-{len(s['static_heads'])}: upper 95% bound {ci['jaccard_static'][1]:.3f} "
+         f"(must be < {J_STATIC_MAX})", ci["jaccard_static"][1] < J_STATIC_MAX),
+        (f"adjacent Jaccard: upper 95% bound {ci['adjacent_jaccard'][1]:.3f} (must be < {J_ADJ_MAX})",
          ci["adjacent_jaccard"][1] < J_ADJ_MAX),
-        (f"entropy {s['entropy']:.3f} > ln {len(s['static_heads'])} = {s['ln_static_top']:.3f} "
-         "(more heads share the work than the static set holds)", s["entropy"] > s["ln_static_top"]),
+        (f"entropy {s['entropy']:.3f} (must be > ln {len(s['static_heads'])} = {s['ln_static_top']:.3f}: "
+         "more heads share the work than the static set holds)", s["entropy"] > s["ln_static_top"]),
     ]
     return _decide(name, checks)
 
@@ -62,12 +62,13 @@ def claim2(data: dict[str, Any]) -> Verdict:
         return Verdict(name, NOT_COMPARABLE, f"the unmasked model answers only {base:.2f} of NIAH samples")
     tests = {(t["a"], t["b"]): t for t in res["comparisons"] if t["metric"] == "accuracy"}
     dyn = conds["dynamic"]["accuracy"]
-    checks = [(f"dynamic-masked accuracy upper 95% bound {dyn['high']:.2f} <= {NEAR_ZERO}", dyn["high"] <= NEAR_ZERO)]
+    checks = [(f"dynamic-masked accuracy: upper 95% bound {dyn['high']:.2f} (must be ≤ {NEAR_ZERO})",
+               dyn["high"] <= NEAR_ZERO)]
     for other in ("static_excluding_dynamic", "random"):
         t = tests.get(("dynamic", other))
         if t:
             checks.append((f"dynamic − {other} accuracy {t['mean_difference']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}] "
-                           "below zero", t["high"] < 0))
+                           "(must be below zero)", t["high"] < 0))
     return _decide(name, checks)
 
 
@@ -83,16 +84,16 @@ def claim3(data: dict[str, Any]) -> Verdict:
         if o is None:
             continue
         lo = o["heldout_top1_ci"]["low"]
-        checks.append((f"k={k}: held-out top-1 lower 95% bound {_f(lo)} > null {o['null']['top1']:.3f}",
+        checks.append((f"k={k}: held-out top-1 lower 95% bound {_f(lo)} (must be > null {o['null']['top1']:.3f})",
                        lo is not None and lo > o["null"]["top1"]))
         for ctrl in ("persistence", "position"):
             g = o[f"margin_over_{ctrl}"]
-            checks.append((f"k={k}: hidden − {ctrl} {_f(g['gap'])} [{_f(g['low'])}, {_f(g['high'])}] above zero",
+            checks.append((f"k={k}: hidden − {ctrl} {_f(g['gap'])} [{_f(g['low'])}, {_f(g['high'])}] (must be above zero)",
                            bool(g["excludes_zero"])))
     for base, g in probe["gaps"].items():
         if base == "linear probe":  # the same information read linearly: reported, not a control
             continue
-        checks.append((f"probe (k=0) F1 − {base} {_f(g['gap'])} [{_f(g['low'])}, {_f(g['high'])}] above zero",
+        checks.append((f"probe (k=0) F1 − {base} {_f(g['gap'])} [{_f(g['low'])}, {_f(g['high'])}] (must be above zero)",
                        bool(g["excludes_zero"])))
     return _decide(name, checks)
 
@@ -109,11 +110,11 @@ def rag(data: dict[str, Any]) -> Verdict:
     if "dynamic" not in strat or "static" not in strat:
         return Verdict(name, NOT_COMPARABLE, "the run lacks the dynamic or static strategy")
     vs = res["vs_static"]["dynamic"]["f1"]
-    checks = [(f"dynamic − static F1 {vs['mean_difference']:+.3f} [{vs['low']:+.3f}, {vs['high']:+.3f}] above zero",
+    checks = [(f"dynamic − static F1 {vs['mean_difference']:+.3f} [{vs['low']:+.3f}, {vs['high']:+.3f}] (must be above zero)",
                vs["low"] > 0)]
     if "none" in strat:
         gap = strat["dynamic"]["f1"]["estimate"] - strat["none"]["f1"]["estimate"]
-        checks.append((f"dynamic F1 above w/o RAG ({gap:+.3f})", gap > 0))
+        checks.append((f"dynamic F1 − w/o RAG {gap:+.3f} (must be above zero)", gap > 0))
     return _decide(name, checks)
 
 

@@ -76,11 +76,20 @@ def test_conditions_run_budget_free_policies_once():
 
 
 def test_verdict_names_the_budgets_where_predicted_wins():
-    row = lambda k, lo, hi: {"metric": "accuracy", "budget": k, "low": lo, "high": hi}  # noqa: E731
+    row = lambda k, lo, hi, p=0.01: {"metric": "accuracy", "budget": k, "low": lo, "high": hi, "p_value": p}  # noqa: E731
     assert verdict([row(1, -0.1, 0.2), row(4, 0.1, 0.3), row(8, 0.05, 0.2)]).endswith(
-        "k = [4, 8] (95% CI of the paired accuracy difference above 0), at every budget from k = 4 on")
+        "k = [4, 8] (95% CI of the paired accuracy difference above 0 and Wilcoxon p < 0.05), "
+        "at every budget from k = 4 on")
     assert verdict([row(1, -0.3, -0.1)]).startswith("predicted does not beat static")
     assert "static is better at k = [1]" in verdict([row(1, -0.3, -0.1)])
+
+
+def test_verdict_needs_the_test_as_well_as_the_interval():
+    """One sample where predicted answers and static does not: CI [1, 1], but p = 1 — not a win."""
+    row = lambda k, lo, hi, p: {"metric": "accuracy", "budget": k, "low": lo, "high": hi, "p_value": p}  # noqa: E731
+    assert verdict([row(16, 1.0, 1.0, 1.0)]).startswith("predicted does not beat static at any budget")
+    assert verdict([row(16, 0.1, 0.5, 0.04), row(32, 0.1, 0.5, 0.2)]).startswith("predicted beats static at k = [16]")
+    assert "from k" not in verdict([row(16, 0.1, 0.5, 0.04), row(32, 0.1, 0.5, 0.2)])
 
 
 def test_a_detection_run_with_the_evaluated_samples_is_refused(tmp_path):

@@ -63,6 +63,19 @@ def test_claim2_verdict_rules():
     assert v.verdict == vd.NOT_COMPARABLE and "no samples" in v.reason
 
 
+def test_claim1_failure_names_the_value_and_what_it_must_be():
+    data = {"state": {"steps": {}},
+            "niah": {"samples": [{"accuracy": 1.0}], "table1_ci": {"jaccard_static": (0.2, 0.3),
+                                                                  "adjacent_jaccard": (0.4, 0.5)},
+                     "dynamism": {"stats": {"static_heads": [0] * 20, "entropy": 2.534, "ln_static_top": 2.996}}}}
+    v = vd.claim1(data)
+    assert v.verdict == vd.NOT_REPRODUCED and [ok for _, ok in v.checks] == [True, True, False]
+    assert v.reason == ("check failed: entropy 2.534 (must be > ln 20 = 2.996: more heads share the work than the "
+                        "static set holds)")
+    data["niah"]["dynamism"]["stats"]["entropy"] = 3.1
+    assert vd.claim1(data).verdict == vd.REPRODUCED
+
+
 def test_rag_verdict_not_comparable_when_full_context_fails():
     iv = lambda e: {"estimate": e, "low": e, "high": e}  # noqa: E731
     strat = {n: {"em": iv(em), "f1": iv(em)} for n, em in (("dynamic", 0.0), ("static", 0.0), ("full", 0.03))}
