@@ -10,12 +10,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def accuracy_vs_kv_read(result: dict, metric: str = "accuracy", title: str = ""):
-    """One line per policy through its budgets (x: mean KV read per step, y: metric with 95% CI bars)."""
+def accuracy_vs_kv_read(result: dict, metric: str = "accuracy", title: str = "", ax=None):
+    """One line per policy through its budgets (x: mean KV read per step, y: metric with 95% CI bars).
+
+    Draws into `ax` when given (a panel of a larger figure), else into a new figure; returns the figure.
+    """
     by_policy: dict[str, list[tuple[float, dict, int | None]]] = {}
     for cond in result["conditions"].values():
         by_policy.setdefault(cond["policy"], []).append((cond["kv_read"]["estimate"], cond[metric], cond["budget"]))
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     for name, points in by_policy.items():
         points.sort(key=lambda p: p[0])
         xs = [p[0] for p in points]
@@ -30,7 +34,7 @@ def accuracy_vs_kv_read(result: dict, metric: str = "accuracy", title: str = "")
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    return fig
+    return ax.figure
 
 
 def sparse_table(result: dict) -> str:
