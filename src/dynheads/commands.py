@@ -106,14 +106,15 @@ def run_ablate_progressive(lm, out, *, length: int = 2000, ks=(0, 5, 10, 15, 20,
                            method: str = "zero", haystack: str | None = None, max_new_tokens: int = 48,
                            n_boot: int = 2000, seed: int = 0, quiet: bool = False, runner=None):
     """Progressive ablation (the `ablate-progressive` command); returns (run, result)."""
-    from dynheads.experiments import ablation as abl
+    from dynheads.experiments import progressive as prog
+    from dynheads.experiments.ablation import AblationConfig
     from dynheads.tracing.tracer import TraceConfig
 
-    niah = abl.progressive_niah(length, samples, seed, haystack)
-    config = abl.AblationConfig(method=method, static_ranking=static_ranking, static_top=static_top,
-                                n_boot=n_boot, seed=seed)
-    return abl.run_progressive(lm, niah, _ints(ks, "ks"), out, config, TraceConfig(max_new_tokens=max_new_tokens),
-                               quiet, runner or _runner())
+    niah = prog.progressive_niah(length, samples, seed, haystack)
+    config = AblationConfig(method=method, static_ranking=static_ranking, static_top=static_top,
+                            n_boot=n_boot, seed=seed)
+    return prog.run_progressive(lm, niah, _ints(ks, "ks"), out, config, TraceConfig(max_new_tokens=max_new_tokens),
+                                quiet, runner or _runner())
 
 
 def check_ablate_progressive(length: int = 2000, ks=(0,), samples: int = 20, method: str = "zero",
