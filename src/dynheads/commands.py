@@ -106,14 +106,15 @@ def run_ablate_progressive(lm, out, *, length: int = 2000, ks=(0, 5, 10, 15, 20,
                            method: str = "zero", haystack: str | None = None, max_new_tokens: int = 48,
                            n_boot: int = 2000, seed: int = 0, quiet: bool = False, runner=None):
     """Progressive ablation (the `ablate-progressive` command); returns (run, result)."""
-    from dynheads.experiments import ablation as abl
+    from dynheads.experiments import progressive as prog
+    from dynheads.experiments.ablation import AblationConfig
     from dynheads.tracing.tracer import TraceConfig
 
-    niah = abl.progressive_niah(length, samples, seed, haystack)
-    config = abl.AblationConfig(method=method, static_ranking=static_ranking, static_top=static_top,
-                                n_boot=n_boot, seed=seed)
-    return abl.run_progressive(lm, niah, _ints(ks, "ks"), out, config, TraceConfig(max_new_tokens=max_new_tokens),
-                               quiet, runner or _runner())
+    niah = prog.progressive_niah(length, samples, seed, haystack)
+    config = AblationConfig(method=method, static_ranking=static_ranking, static_top=static_top,
+                            n_boot=n_boot, seed=seed)
+    return prog.run_progressive(lm, niah, _ints(ks, "ks"), out, config, TraceConfig(max_new_tokens=max_new_tokens),
+                                quiet, runner or _runner())
 
 
 def check_ablate_progressive(length: int = 2000, ks=(0,), samples: int = 20, method: str = "zero",
@@ -146,7 +147,7 @@ def run_multihop(lm, out, *, data: str, limit: int | None = 100, format: str = "
 
 def check_multihop(data: str | None = None, limit: int | None = 100, format: str = "auto", prompt: str = "short",
                    **_):
-    from dynheads.experiments.trace import MultihopConfig, load_questions
+    from dynheads.tasks.multihop import MultihopConfig, load_questions  # torch-free: errors come at once
 
     if data is None:
         raise ConfigError("multihop needs 'data' (a multi-hop QA file)")
@@ -161,10 +162,10 @@ def rag_settings(data, limit=100, heads=("dynamic", "static", "dynamic-random", 
                  max_sentence_tokens=40, rind_threshold=1.2, top_k=10, window=64, n_heads=5, seed=0, **_):
     """The Dynamic RAG settings of the `rag` command's flags."""
     from dynheads.experiments import rag as rag_exp
-    from dynheads.experiments.trace import MultihopConfig
     from dynheads.rag.loop import RagConfig
     from dynheads.rag.retrievers import HeadWindowRetriever
     from dynheads.rag.trigger import RindTrigger
+    from dynheads.tasks.multihop import MultihopConfig
 
     names = tuple(dict.fromkeys(h.strip() for h in _strings(heads) if h.strip()))
     return rag_exp.RagSettings(
@@ -189,10 +190,14 @@ def run_rag(lm, out, *, data: str, limit: int | None = 100,
 
 def check_rag(data: str | None = None, **params):
     """Strategies, questions and corpus, before the model loads; returns the validated inputs."""
-    from dynheads.experiments import rag as rag_exp
-
     if data is None:
         raise ConfigError("rag needs 'data' (a multi-hop QA file)")
+    from dynheads.tasks.multihop import MultihopConfig, load_questions  # torch-free: a bad file fails at once
+
+    load_questions(MultihopConfig(str(data), params.get("limit", 100), params.get("format", "auto"),
+                                  params.get("prompt", "cot")))
+    from dynheads.experiments import rag as rag_exp
+
     return rag_exp.check_inputs(rag_settings(data, **params))
 
 

@@ -29,12 +29,13 @@ def register(app: typer.Typer) -> None:
     ):
         """Trace multi-hop QA: per-step Eq. 2 reasoning retrieval scores on the supporting facts, EM/F1."""
         from dynheads.commands import check_multihop, run_multihop
-        from dynheads.experiments.trace import format_fig6_table
         from dynheads.runs import check_out
 
         check_multihop(data, limit, format, prompt)  # bad input fails before the model loads
         check_out(out)
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
+        from dynheads.experiments.trace import format_fig6_table  # torch: only once the input is checked
+
         run = run_multihop(lm, out, data=data, limit=limit, format=format, prompt=prompt,
                            max_new_tokens=max_new_tokens, quiet=quiet)
         summary = run.read_result("multihop")
@@ -79,7 +80,6 @@ def register(app: typer.Typer) -> None:
     ):
         """Dynamic RAG (Table 4): RIND decides when, the chosen heads decide which context to open."""
         from dynheads.commands import check_rag, run_rag
-        from dynheads.experiments import rag as rag_exp
         from dynheads.runs import check_out
 
         params = dict(data=data, limit=limit, heads=heads, static_ranking=static_ranking, regressor=regressor,
@@ -93,5 +93,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"corpus {corpus}: {n_docs} documents indexed")
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
         run = run_rag(lm, out, quiet=quiet, inputs=inputs, **params)
+        from dynheads.experiments import rag as rag_exp
+
         typer.echo(rag_exp.format_rag_table(run.read_result("rag"), Path(run.config["model"]["source"]).name))
         typer.echo(str(run.path))

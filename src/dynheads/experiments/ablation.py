@@ -1,4 +1,4 @@
-"""Claim 2 — irreplaceability: per-step ablation grid (Sec. 3.3.1) and progressive ablation (Sec. 3.3.2).
+"""Claim 2 — irreplaceability: the per-step ablation grid (Sec. 3.3.1); progressive ablation is progressive.py.
 
 Each sample is prefilled once; every condition forks that prefill through the tracer. At every step
 the tracer runs the clean pass, a selector picks heads from it (selectors.py), and the step is
@@ -19,13 +19,9 @@ reported in the README):
 - random heads: one permutation per sample (Wu et al. draw per cell), seeded from (seed, sample id).
 - static ranking: a separate detection run (never these samples); without one, a detection pass
   on the same grid with seed + 1 (fresh UUID needles), one sample per cell, in <out>/detection.
-- compensation: E_t = H'_t minus H_t minus the heads masked at t (a masked head cannot compensate);
-  H from the clean pass with its own token, H' from the masked pass with the kept token.
-- progressive samples: one per depth, depths evenly spaced over 0–100%.
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -34,9 +30,8 @@ import numpy as np
 
 from dynheads.config import run_config
 from dynheads.errors import ConfigError
-from dynheads.experiments.dynamism import static_cap_note, top_heads
 from dynheads.experiments.static_ranking import load_static_ranking
-from dynheads.experiments.stats import bootstrap_ci, paired_difference
+from dynheads.experiments.stats import bootstrap_ci, paired_difference, sample_rng
 from dynheads.experiments.trace import check_prompt_budget, niah_inputs
 from dynheads.interventions.methods import ablations
 from dynheads.interventions.selectors import build, make_intervention
@@ -51,8 +46,6 @@ from dynheads.tracing.tracer import Trace, TraceConfig, Tracer
 
 PAPER_FIG2 = ("paper (llama3.1-8b, Fig. 2): masking the dynamic heads drives accuracy to ~0 across the "
               "whole grid; masking as many static or random heads turns only some cells red")
-PAPER_FIG3 = ("paper (llama3.1-8b, Fig. 3): accuracy 1.0 -> 0.0 by k = 20; compensated-static "
-              "overlap 4.5-7 for k >= 5")
 BASELINES = ("static", "static_excluding_dynamic", "random")
 CONDITIONS = ("none", "dynamic") + BASELINES
 COMPARISONS = (("dynamic", "none"), ("dynamic", "static"), ("dynamic", "random"),
@@ -69,7 +62,7 @@ _COUNTED = {"heads_masked": "heads masked", "dynamic": "|D_t|"}  # what a matche
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """Settings shared by the grid and the progressive ablation (see the module docstring)."""
+    """Settings shared by the grid and the progressive ablation (progressive.py; see both docstrings)."""
 
     method: str = "zero"  # ablation method (paper silent): zero | uniform
     match: str = "average"  # baseline head count: average | unmasked | step (paper: "average"; see above)
@@ -129,8 +122,8 @@ def matching_summary(counts: list[list[int]], config: AblationConfig) -> dict:
 def first_pass_sample(tracer: Tracer, encoded: EncodedSample, config: AblationConfig) -> tuple[dict, dict]:
     """One prefill, then the conditions none and dynamic (run-level matching's first pass)."""
     state = tracer.prefill(encoded.input_ids, encoded.token_spans)
-    arrays, results = _run_condition(tracer, state, encoded, "none", None, config)
-    dyn, dyn_result = _run_condition(tracer, state, encoded, "dynamic", build("dynamic"), config)
+    arrays, results = run_condition(tracer, state, encoded, "none", None, config)
+    dyn, dyn_result = run_condition(tracer, state, encoded, "dynamic", build("dynamic"), config)
     arrays.update(dyn), results.update(dyn_result)
     return arrays, {"conditions": results}
 
@@ -147,56 +140,18 @@ def ablate_sample(tracer: Tracer, encoded: EncodedSample, ranking: np.ndarray, c
     state = tracer.prefill(encoded.input_ids, encoded.token_spans)
     rng = sample_rng(config.seed, encoded.sample.id)
     if first is None:
-        arrays, results = _run_condition(tracer, state, encoded, "none", None, config)
-        dyn, dyn_result = _run_condition(tracer, state, encoded, "dynamic", build("dynamic"), config)
+        arrays, results = run_condition(tracer, state, encoded, "none", None, config)
+        dyn, dyn_result = run_condition(tracer, state, encoded, "dynamic", build("dynamic"), config)
         arrays.update(dyn), results.update(dyn_result)
     else:
         arrays, results = dict(first[0]), dict(first[1]["conditions"])
     n = matched if config.two_pass else _sample_count(results, config)
     for name in BASELINES:
         select = build(name, ranking=ranking, n=n, rng=rng, per_step=config.random_per_step)
-        more, more_result = _run_condition(tracer, state, encoded, name, select, config)
+        more, more_result = run_condition(tracer, state, encoded, name, select, config)
         arrays.update(more), results.update(more_result)
     meta = encoded.sample.metadata
     return arrays, {"length": meta["length"], "depth": meta["depth"], "matched_heads": n, "conditions": results}
-
-
-def progressive_sample(tracer: Tracer, encoded: EncodedSample, ks: tuple[int, ...], static: np.ndarray,
-                       config: AblationConfig) -> tuple[dict, dict]:
-    """One prefill, then k heads masked per step (progressive selector) for every k."""
-    state = tracer.prefill(encoded.input_ids, encoded.token_spans)
-    arrays, results = {}, {}
-    for k in ks:
-        more, res = _run_condition(tracer, state, encoded, f"k{k}", build("progressive", k=k, span=config.span), config)
-        cond = {n[len(f"k{k}__"):]: v for n, v in more.items()}
-        res[f"k{k}"]["compensation"] = max_static_compensation(
-            compensated_heads(cond, encoded.token_spans, config.span, config.exclude_ablated), static)
-        arrays.update(more), results.update(res)
-    return arrays, {"length": encoded.sample.metadata["length"], "depth": encoded.sample.metadata["depth"],
-                    "conditions": results}
-
-
-def compensated_heads(arrays: dict[str, np.ndarray], token_spans: dict, span: str = "needle",
-                      exclude_ablated: bool = True) -> np.ndarray:
-    """E_t = H'_t \\ H_t, bool [T, L, H] (Sec. 3.3.2): heads retrieving only once others are masked.
-
-    H: Eq. 1 on the clean pass with its own token; H': Eq. 1 on the masked pass with the kept token.
-    exclude_ablated also removes the heads masked at t (our choice; the paper does not say).
-    """
-    if not len(arrays["token_id"]):
-        return np.zeros((0,) + arrays["ablated"].shape[1:], bool)
-    before = copy_paste_active(arrays, token_spans, span=span, generated_key="clean_token_id")
-    after = copy_paste_active(arrays, token_spans, span=span, pos_key="masked_top1_pos",
-                              token_key="masked_top1_token", generated_key="token_id")
-    out = after & ~before
-    return out & ~arrays["ablated"] if exclude_ablated else out
-
-
-def max_static_compensation(compensated: np.ndarray, static: np.ndarray) -> int:
-    """m_s = max_t |E_t ∩ static top set| (0 for an empty generation). compensated: bool [T, L, H]."""
-    if not len(compensated):
-        return 0
-    return int((compensated & static).reshape(len(compensated), -1).sum(1).max())
 
 
 def summarise(per_sample: dict[str, dict[str, np.ndarray]], rng: np.random.Generator, n_boot: int = 2000,
@@ -241,7 +196,7 @@ def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: Abl
     ranking, source = given or load_ranking()  # default: a detection pass inside the run folder
     matching = ablate_samples(run, Tracer(lm, trace), samples, ranking, config, quiet, runner)
     rows = run.sample_results()
-    per_sample = {c: _metric_arrays(rows, c) for c in CONDITIONS}
+    per_sample = {c: metric_arrays(rows, c) for c in CONDITIONS}
     result = summarise(per_sample, sample_rng(config.seed, "ablation-stats"), config.n_boot)
     lengths, depths = np.array([r["length"] for r in rows]), np.array([float(r["depth"]) for r in rows])
     grids = {c: cell_means(lengths, depths, per_sample[c]["accuracy"]) for c in CONDITIONS}
@@ -252,7 +207,7 @@ def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: Abl
                          "accuracy": {c: _nan_to_none(g[2]) for c, g in grids.items()}})
     run.write_result("ablation", result)
     overlap = {c: result["conditions"][c]["overlap_per_step"] for c in CONDITIONS}
-    _save_figure(ablation_heatmaps(grids["none"][0], grids["none"][1], {c: grids[c][2] for c in CONDITIONS},
+    save_figure(ablation_heatmaps(grids["none"][0], grids["none"][1], {c: grids[c][2] for c in CONDITIONS},
                                    overlap, result["conditions"]["dynamic"]["dynamic_per_step"],
                                    title=f"{lm.source}: NIAH accuracy with heads masked per step ({config.method})"),
                  run.figure_path("ablation_heatmaps"))
@@ -283,66 +238,8 @@ def ablate_samples(run: RunDir, tracer: Tracer, samples: list[EncodedSample], ra
     return matching
 
 
-def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out: str | Path,
-                    config: AblationConfig = AblationConfig(), trace: TraceConfig = TraceConfig(),
-                    quiet: bool = False, runner: Runner = run_samples) -> tuple[RunDir, dict]:
-    """Progressive ablation (k heads per step for every k) into `out`, then results and Fig. 3."""
-    from dynheads.report.ablation_figures import progressive_curve
-
-    check_ks(ks, lm.layout.n_total)
-    trace = replace(trace, record_hidden=False, mass_spans=(config.span,), row_spans=(config.span,))
-    niah, inputs = niah_inputs(niah)
-    check_prompt_budget(niah.lengths, trace.max_new_tokens, lm.max_positions)
-    samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
-    detection = progressive_niah(niah.lengths[0], config.detection_samples, niah.seed + 1, niah.haystack)
-    load_ranking = partial(load_static_ranking, config.static_ranking, lm, niah, {e.sample.id for e in samples},
-                           detection, Path(out) / "detection", trace, quiet, runner)
-    given = load_ranking() if config.static_ranking else None  # checked before the run folder exists
-    run = RunDir.create(out, run_config("ablation-progressive", lm, niah.seed, task=niah, trace=trace,
-                                        ablation=config, ks=list(ks), inputs=inputs))
-    ranking, source = given or load_ranking()  # default: a detection pass inside the run folder
-    static = top_heads(ranking, config.static_top)
-    tracer = Tracer(lm, trace)
-    runner(run, samples, lambda enc: progressive_sample(tracer, enc, ks, static, config), len(samples), quiet)
-    rows = run.sample_results()
-    per_k = {f"k{k}": _metric_arrays(rows, f"k{k}") for k in ks}
-    result = summarise(per_k, sample_rng(config.seed, "progressive-stats"), config.n_boot, comparisons=())
-    result.update(ks=list(ks), n_samples=len(rows), static_ranking=source, paper=PAPER_FIG3,
-                  static_heads=[lm.layout.label(*divmod(int(i), lm.layout.n_heads)) for i in np.flatnonzero(static)],
-                  static_top_requested=config.static_top,
-                  static_note=static_cap_note(int(static.sum()), config.static_top))
-    run.write_result("ablation_progressive", result)
-    conds = result["conditions"]
-    _save_figure(progressive_curve(list(ks), [conds[f"k{k}"]["accuracy"] for k in ks],
-                                   [conds[f"k{k}"]["compensation"] for k in ks], config.static_top,
-                                   title=f"{lm.source}: progressive ablation ({config.method}), {len(rows)} samples"),
-                 run.figure_path("ablation_progressive"))
-    return run, result
-
-
-def progressive_niah(length: int, n_samples: int, seed: int, haystack: str | None = None) -> NiahConfig:
-    """One sample per depth, depths evenly spaced over 0–100% (the paper only says 20 runs at 5000 tokens)."""
-    if n_samples < 1:
-        raise ConfigError("--samples must be at least 1")
-    depths = tuple(dict.fromkeys(round(float(d), 1) for d in np.linspace(0, 100, n_samples)))
-    return NiahConfig(lengths=(length,), depths=depths, samples_per_cell=1, haystack=haystack, seed=seed)
-
-
-def check_ks(ks: tuple[int, ...], n_heads: int) -> None:
-    if not ks:
-        raise ConfigError("--ks is empty")
-    bad = [k for k in ks if not 0 <= k <= n_heads]
-    if bad:
-        raise ConfigError(f"k = {bad[0]} is outside 0..{n_heads} (the model has {n_heads} heads)")
-
-
-def sample_rng(seed: int, key: str) -> np.random.Generator:
-    """An RNG seeded from (seed, a stable hash of the sample id or purpose)."""
-    return np.random.default_rng([seed, zlib.crc32(key.encode())])
-
-
 # --- internals -----------------------------------------------------------------------------
-def _run_condition(tracer: Tracer, state, encoded: EncodedSample, name: str, select, config: AblationConfig):
+def run_condition(tracer: Tracer, state, encoded: EncodedSample, name: str, select, config: AblationConfig):
     intervention = None if select is None else make_intervention(select, encoded.token_spans, encoded.input_ids,
                                                                  config.span)
     trace = tracer.generate(state, intervention=intervention, ablation=config.method, fork=True)
@@ -391,7 +288,7 @@ def _describe(metric: str, values: np.ndarray, rng: np.random.Generator, n_boot:
     return float(finite.mean()) if finite.size else None
 
 
-def _metric_arrays(rows: list[dict], cond: str) -> dict[str, np.ndarray]:
+def metric_arrays(rows: list[dict], cond: str) -> dict[str, np.ndarray]:
     """Per-sample metrics of one condition [N]; per-step lists become their per-sample mean."""
     res = [r["conditions"][cond] for r in rows]
     out = {m: np.array([x[m] for x in res], float) for m in METRICS}
@@ -402,7 +299,7 @@ def _metric_arrays(rows: list[dict], cond: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.savefig(path, dpi=150, bbox_inches="tight")

@@ -88,6 +88,7 @@ def steps(p: Preset, out: Path, model: str) -> list[Step]:
     """The experiments in order; later steps read the folders of earlier ones."""
     from dynheads.experiments import ablation as abl
     from dynheads.experiments import cca, dynamism, probe_table
+    from dynheads.experiments import progressive as prog
     from dynheads.experiments.probes import ProbeConfig
     from dynheads.experiments.trace import run_multihop, run_niah
     from dynheads.runs import RunDir
@@ -122,9 +123,9 @@ def steps(p: Preset, out: Path, model: str) -> list[Step]:
         Step("progressive", "progressive", True, f"dynheads ablate-progressive --model {model} --length "
              f"{p.progressive_length} --ks {j(p.progressive_ks)} --samples {p.progressive_samples} "
              f"--max-new-tokens {p.max_new_tokens} --seed {p.seed} --out {d('progressive')}",
-             lambda lm: abl.run_progressive(lm, abl.progressive_niah(p.progressive_length, p.progressive_samples,
-                                                                     p.seed), p.progressive_ks, d("progressive"),
-                                            cfg, trace, True)),
+             lambda lm: prog.run_progressive(lm, prog.progressive_niah(p.progressive_length, p.progressive_samples,
+                                                                       p.seed), p.progressive_ks, d("progressive"),
+                                             cfg, trace, True)),
         Step("multihop", "multihop", True, f"dynheads multihop --model {model} --data {det} --limit "
              f"{_count(p.multihop_records)} --max-new-tokens {p.multihop_max_new_tokens} --out {d('multihop')}",
              lambda lm: run_multihop(lm, _split(p, out)[0], None, d("multihop"),

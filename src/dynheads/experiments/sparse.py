@@ -23,7 +23,7 @@ import numpy as np
 
 from dynheads.config import run_config
 from dynheads.errors import ConfigError
-from dynheads.experiments.ablation import sample_rng
+from dynheads.experiments.stats import sample_rng
 from dynheads.experiments.head_policies import BUDGETLESS, build_policy, policies
 from dynheads.experiments.static_ranking import load_static_ranking, ranking_from_run
 from dynheads.experiments.stats import bootstrap_ci, paired_difference

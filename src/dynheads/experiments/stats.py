@@ -5,6 +5,7 @@ strongly dependent. Every function that draws takes an `np.random.Generator`; no
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -164,6 +165,11 @@ def previous_observed(sample_ids: np.ndarray, steps: np.ndarray, tgt: np.ndarray
     lookup = np.full(len(steps), -1, dtype=np.int64)
     lookup[rows] = earlier
     return lookup[np.asarray(tgt)]
+
+
+def sample_rng(seed: int, key: str) -> np.random.Generator:
+    """An RNG seeded from (seed, a stable hash of the sample id or purpose)."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode())])
 
 
 def _resample_weights(n_groups: int, rng: np.random.Generator, n_boot: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from dynheads.files import fingerprint, resolved
 from dynheads.models import LoadedModel
 from dynheads.runs import RunDir
 from dynheads.scores.base import get_score
+from dynheads.tasks.multihop import MultihopConfig, load_questions  # noqa: F401  (re-exported; torch-free)
 from dynheads.tasks.niah import NiahConfig, niah_samples, score_response
 from dynheads.tracing.runner import Runner, first_checked, run_samples, trace_sample
 from dynheads.tracing.tracer import TraceConfig, Tracer
@@ -70,16 +71,6 @@ def check_prompt_budget(lengths, max_new_tokens: int, max_positions: int | None)
 
 # --- multi-hop QA (paper Sec. 4) ---------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class MultihopConfig:
-    """Which multi-hop file and how to prompt it (stored in the run config)."""
-
-    data: str
-    limit: int | None = None  # samples kept (records skipped for missing support do not count)
-    format: str = "auto"  # a layout of tasks.multihop.formats, or auto-detect from the first record
-    prompt: str = "short"  # tasks.multihop.PROMPTS: "short" answers (Fig. 6 EM/F1) or "cot" (as Dynamic RAG)
-
-
 @dataclass
 class Fig6Table:
     """Samples and mean F1 per (context length bin × support depth bin); Fig. 6's grid (our reading)."""
@@ -117,24 +108,6 @@ def fig6_table(rows: list[tuple[int, float, float]], bins=None) -> Fig6Table:
         total[cell] += f1
     mean = [[float(total[i, j] / n[i, j]) if n[i, j] else None for j in range(n.shape[1])] for i in range(n.shape[0])]
     return Fig6Table(bins.length_centres(), bins.depth_centres(), n.tolist(), mean, outside)
-
-
-def load_questions(task: MultihopConfig):
-    """The task's samples and load report; one-line errors name the file (unknown layout, nothing usable)."""
-    from dynheads.errors import ConfigError, DataError
-    from dynheads.tasks.multihop import PROMPTS, formats, multihop
-
-    if task.format != "auto" and task.format not in formats:
-        raise ConfigError(f"{task.data}: unknown format '{task.format}'; choose auto or one of: {', '.join(formats.names())}")
-    if task.prompt not in PROMPTS:
-        raise ConfigError(f"unknown multihop prompt '{task.prompt}'; choose one of: {', '.join(PROMPTS)}")
-    if task.limit is not None and task.limit < 1:
-        raise ConfigError(f"--limit must be at least 1, got {task.limit}")
-    loaded = multihop(task.data, task.limit, task.format, task.prompt)
-    if not len(loaded):
-        raise DataError(f"{task.data}: no usable records ({loaded.report.n_missing_support} of "
-                        f"{loaded.report.n_records} skipped: supporting facts missing from their context)")
-    return loaded
 
 
 def run_multihop(lm: LoadedModel, data_path: str | Path, limit: int | None, out: str | Path,

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynheads.experiments.ablation import PAPER_FIG2, PAPER_FIG3
+from dynheads.experiments.ablation import PAPER_FIG2
+from dynheads.experiments.progressive import PAPER_FIG3
 from dynheads.experiments.cca import PAPER_FIG4_TOP1
 from dynheads.experiments.dynamism import PAPER_TABLE1
 from dynheads.experiments.probe_table import PAPER_TABLE2, PAPER_TABLE3

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from dynheads.errors import DataError
+from dynheads.errors import ConfigError, DataError
 from dynheads.registry import Registry
 from dynheads.tasks.base import CharSpan, PromptFormat, Sample, task
 
@@ -101,6 +101,34 @@ def multihop(path: str, limit: int | None = None, format: str = "auto", prompt: 
     """HotpotQA-style multi-hop QA from a file; `format` is auto or one of `formats.names()`."""
     samples, report = load_multihop(path, limit, format, prompt, keep_missing_support)
     return MultihopTask(samples, report)
+
+
+@dataclass(frozen=True)
+class MultihopConfig:
+    """Which multi-hop file and how to prompt it (stored in the run config)."""
+
+    data: str
+    limit: int | None = None  # samples kept (records skipped for missing support do not count)
+    format: str = "auto"  # a layout of tasks.multihop.formats, or auto-detect from the first record
+    prompt: str = "short"  # tasks.multihop.PROMPTS: "short" answers (Fig. 6 EM/F1) or "cot" (as Dynamic RAG)
+
+
+def load_questions(task: MultihopConfig):
+    """The task's samples and load report; one-line errors name the file (unknown layout, nothing usable).
+
+    No torch here: the CLI checks a bad file in a fraction of a second, before the model loads.
+    """
+    if task.format != "auto" and task.format not in formats:
+        raise ConfigError(f"{task.data}: unknown format '{task.format}'; choose auto or one of: {', '.join(formats.names())}")
+    if task.prompt not in PROMPTS:
+        raise ConfigError(f"unknown multihop prompt '{task.prompt}'; choose one of: {', '.join(PROMPTS)}")
+    if task.limit is not None and task.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {task.limit}")
+    loaded = multihop(task.data, task.limit, task.format, task.prompt)
+    if not len(loaded):
+        raise DataError(f"{task.data}: no usable records ({loaded.report.n_missing_support} of "
+                        f"{loaded.report.n_records} skipped: supporting facts missing from their context)")
+    return loaded
 
 
 def load_multihop(path: str | Path, limit: int | None = None, format: str = "auto", prompt: str = "short",

@@ -8,6 +8,7 @@ import torch
 from conftest import make_tiny_lm
 from dynheads.errors import ConfigError
 from dynheads.experiments import ablation as abl
+from dynheads.experiments import progressive as prog
 from dynheads.experiments.static_ranking import ranking_from_head_scores, ranking_from_run
 from dynheads.heads import HeadLayout
 from dynheads.runs import RunDir
@@ -47,19 +48,19 @@ def _compensation_arrays():
 
 def test_compensated_heads_and_m_s_by_hand():
     arr = _compensation_arrays()
-    comp = abl.compensated_heads(arr, SPANS)
+    comp = prog.compensated_heads(arr, SPANS)
     assert [np.flatnonzero(c).tolist() for c in comp] == [[1], [4, 5], []]
-    with_masked = abl.compensated_heads(arr, SPANS, exclude_ablated=False)
+    with_masked = prog.compensated_heads(arr, SPANS, exclude_ablated=False)
     assert np.flatnonzero(with_masked[0]).tolist() == [1, 2]
     static = np.zeros((L, H), bool)
     static.flat[[1, 2, 4]] = True
     # |E_t ∩ static| = 1, 1, 0 → m_s = 1; counting masked heads: 2, 1, 0 → 2
-    assert abl.max_static_compensation(comp, static) == 1
-    assert abl.max_static_compensation(with_masked, static) == 2
+    assert prog.max_static_compensation(comp, static) == 1
+    assert prog.max_static_compensation(with_masked, static) == 2
     static.flat[5] = True
-    assert abl.max_static_compensation(comp, static) == 2
+    assert prog.max_static_compensation(comp, static) == 2
     empty = {k: v[:0] for k, v in arr.items()}
-    assert abl.max_static_compensation(abl.compensated_heads(empty, SPANS), static) == 0
+    assert prog.max_static_compensation(prog.compensated_heads(empty, SPANS), static) == 0
 
 
 def test_matched_count_is_the_run_mean_and_never_zero_where_heads_were_masked():
@@ -107,13 +108,13 @@ def test_cell_means_put_depth_on_rows_and_length_on_columns():
 
 
 def test_check_ks_and_progressive_depths():
-    abl.check_ks((0, 5, 6), 6)
+    prog.check_ks((0, 5, 6), 6)
     with pytest.raises(ConfigError, match="k = 7 is outside 0..6"):
-        abl.check_ks((0, 7), 6)
+        prog.check_ks((0, 7), 6)
     with pytest.raises(ConfigError, match="k = -1"):
-        abl.check_ks((-1,), 6)
-    assert abl.progressive_niah(2000, 5, 0).depths == (0.0, 25.0, 50.0, 75.0, 100.0)
-    assert abl.progressive_niah(2000, 1, 0).depths == (0.0,)
+        prog.check_ks((-1,), 6)
+    assert prog.progressive_niah(2000, 5, 0).depths == (0.0, 25.0, 50.0, 75.0, 100.0)
+    assert prog.progressive_niah(2000, 1, 0).depths == (0.0,)
     with pytest.raises(ConfigError):
         abl.AblationConfig(match="median")
     with pytest.raises(ConfigError, match="unknown ablation method 'knockout'"):
@@ -261,7 +262,7 @@ def test_progressive_sample_k0_is_unmasked_and_k_all_masks_every_head():
     tracer = Tracer(lm, TraceConfig(max_new_tokens=6, record_hidden=False, row_spans=("needle",)))
     enc = _encoded()
     static = np.ones(lm.layout.shape, bool)
-    arrays, result = abl.progressive_sample(tracer, enc, (0, 3, lm.layout.n_total), static, abl.AblationConfig())
+    arrays, result = prog.progressive_sample(tracer, enc, (0, 3, lm.layout.n_total), static, abl.AblationConfig())
     plain = tracer.generate(tracer.prefill(enc.input_ids, enc.token_spans)).arrays()
     np.testing.assert_array_equal(arrays["k0__token_id"], plain["token_id"])
     np.testing.assert_array_equal(arrays["k0__masked_top1_pos"], plain["top1_pos"])
@@ -276,9 +277,9 @@ def test_a_condition_that_stops_at_once_is_recorded_as_empty():
     tracer = Tracer(lm, TraceConfig(max_new_tokens=4, record_hidden=False, row_spans=("needle",)))
     enc = _encoded()
     all_heads = lm.layout.n_total
-    first, _ = abl.progressive_sample(tracer, enc, (all_heads,), np.ones(lm.layout.shape, bool), abl.AblationConfig())
+    first, _ = prog.progressive_sample(tracer, enc, (all_heads,), np.ones(lm.layout.shape, bool), abl.AblationConfig())
     tracer.stop_ids = {int(first[f"k{all_heads}__token_id"][0])}  # masking every head now ends the answer at once
-    arrays, result = abl.progressive_sample(tracer, enc, (0, all_heads), np.ones(lm.layout.shape, bool),
+    arrays, result = prog.progressive_sample(tracer, enc, (0, all_heads), np.ones(lm.layout.shape, bool),
                                             abl.AblationConfig())
     empty = result["conditions"][f"k{all_heads}"]
     assert empty["n_steps"] == 0 and empty["compensation"] == 0 and empty["heads_masked"] == []
