@@ -4,7 +4,7 @@ import pytest
 
 from dynheads.errors import ConfigError
 from dynheads.experiments.head_policies import build_policy, to_units, top_units
-from dynheads.experiments.sparse import SparseConfig, _check_disjoint, conditions, verdict
+from dynheads.experiments.sparse import SparseConfig, _check_disjoint, conditions, summarise, verdict
 from dynheads.runs import RunDir
 from dynheads.tracing.tracer import StepView
 
@@ -73,6 +73,23 @@ def test_conditions_run_budget_free_policies_once():
     assert [c[0] for c in conditions(cfg)] == ["full", "static@1", "static@4", "streaming"]
     with pytest.raises(ConfigError, match="unknown head policy"):
         SparseConfig("det", ("full", "psychic"))
+
+
+def test_summary_adds_oracle_headroom_after_the_predicted_rows():
+    """oracle − static rows come after predicted − static; the verdict reads only the predicted ones."""
+    acc = {"static@2": [0, 0, 1, 0, 0, 1], "predicted@2": [1, 0, 1, 0, 1, 1], "oracle@2": [1, 1, 1, 1, 1, 1]}
+    rows = [{"conditions": {c: {"accuracy": float(v[i]), "rouge_l": float(v[i]) / 2, "kv_read": 0.2}
+                            for c, v in acc.items()}} for i in range(6)]
+    with_oracle = summarise(rows, SparseConfig("det", ("static", "predicted", "oracle"), (2,), n_boot=500))
+    without = summarise(rows, SparseConfig("det", ("static", "predicted"), (2,), n_boot=500))
+    assert [(t["a"], t["metric"]) for t in with_oracle["comparisons"]] == [
+        ("predicted@2", "accuracy"), ("predicted@2", "rouge_l"), ("oracle@2", "accuracy"), ("oracle@2", "rouge_l")]
+    same = ("mean_difference", "p_value", "n", "n_nonzero")  # the bootstrap draws follow the conditions present
+    assert [{f: t[f] for f in same} for t in with_oracle["comparisons"][:2]] == \
+        [{f: t[f] for f in same} for t in without["comparisons"]]
+    oracle = with_oracle["comparisons"][2]
+    assert oracle["mean_difference"] == pytest.approx(4 / 6) and oracle["n_nonzero"] == 4
+    assert with_oracle["verdict"] == without["verdict"]
 
 
 def test_verdict_names_the_budgets_where_predicted_wins():
