@@ -18,20 +18,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import bench_arguments, median_times, niah_prompt  # noqa: E402
+from common import bench_arguments, median_times, niah_prompt, plain_exact  # noqa: E402
 
 from dynheads.interventions.selectors import build, make_intervention  # noqa: E402
 from dynheads.models import load_model  # noqa: E402
 from dynheads.tracing.tracer import TraceConfig, Tracer  # noqa: E402
-
-
-def plain_exact(lm, input_ids: list[int], new_tokens: int, pad_id: int) -> list[int]:
-    """transformers' greedy generate with SDPA, forced to exactly `new_tokens` tokens."""
-    ids = torch.tensor([input_ids])
-    with torch.no_grad():
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, pad_token_id=pad_id)
-    return out[0, len(input_ids):].tolist()
 
 
 def main() -> None:

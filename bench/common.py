@@ -30,6 +30,15 @@ def plain_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, s
     return out[0, len(input_ids):].tolist()
 
 
+def plain_exact(lm, input_ids: list[int], new_tokens: int, pad_id: int) -> list[int]:
+    """transformers' greedy generate with SDPA, forced to exactly `new_tokens` tokens."""
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, pad_token_id=pad_id)
+    return out[0, len(input_ids):].tolist()
+
+
 def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median wall seconds of each function, calls interleaved so drift hits all alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}

@@ -1,6 +1,7 @@
 """Head-sparse vs plain greedy generation on the default model: wall-time and peak-memory ratios.
 
-Conditions, all in this process and interleaved (median of --repeats):
+Conditions, all in this process and interleaved (median of --repeats); every one generates exactly
+--new-tokens tokens (end-of-turn ignored: a sparse policy's answer can end sooner, which would flatter it):
   plain       transformers' greedy generate (SDPA), prefill included
   sparse      the tracer's head-sparse decoding (static top-k KV heads open, the rest sinks + recent
               window), prefill included, no per-head rows recorded
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import bench_arguments, median_times, niah_prompt, peak_growth_in_child, plain_generate, report_child_growth  # noqa: E402
+from common import bench_arguments, median_times, niah_prompt, peak_growth_in_child, plain_exact, report_child_growth  # noqa: E402
 
 from dynheads.models import load_model  # noqa: E402
 from dynheads.tracing.sparse import Sparsity  # noqa: E402
@@ -34,11 +35,10 @@ def _mask(lm, k: int) -> np.ndarray:
     return mask.reshape(lm.layout.n_layers, lm.layout.n_kv_heads)
 
 
-def whole(lm, tracer, enc, new_tokens, k):
-    stop_ids = sorted(tracer.stop_ids)
+def whole(lm, tracer, enc, new_tokens, k, pad_id):
     opened = _mask(lm, k)
     return {
-        "plain": lambda: plain_generate(lm, enc.input_ids, new_tokens, stop_ids),
+        "plain": lambda: plain_exact(lm, enc.input_ids, new_tokens, pad_id),
         "sparse": lambda: tracer.generate(tracer.prefill(enc.input_ids), fork=False,
                                           heads=lambda t, p, f: opened, sparsity=Sparsity()),
     }
@@ -51,9 +51,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lm = load_model("default")
     tracer = Tracer(lm, TraceConfig(max_new_tokens=args.new_tokens, record_rows=False, record_hidden=False))
+    pad_id = min(tracer.stop_ids)
+    tracer.stop_ids = set()  # every condition runs exactly --new-tokens steps (a sparse answer may stop early)
     if args.child:
         cond, length = args.child
-        report_child_growth(whole(lm, tracer, niah_prompt(lm, int(length)), args.new_tokens, args.k)[cond])
+        report_child_growth(whole(lm, tracer, niah_prompt(lm, int(length)), args.new_tokens, args.k, pad_id)[cond])
         return
     print(f"Sparsity: sink {Sparsity().sink}, recent {Sparsity().recent}, k = {args.k} of "
           f"{lm.layout.n_layers * lm.layout.n_kv_heads} KV heads open; {args.new_tokens} new tokens")
@@ -61,7 +63,7 @@ def main() -> None:
           f" | decode only: {'full s':>7} {'sparse ×':>9} {'streaming ×':>12}")
     for length in (int(v) for v in args.lengths.split(",")):
         enc = niah_prompt(lm, length)
-        fns = whole(lm, tracer, enc, args.new_tokens, args.k)
+        fns = whole(lm, tracer, enc, args.new_tokens, args.k, pad_id)
         times = median_times(fns, args.repeats)
         state = tracer.prefill(enc.input_ids)
         steps = {"full": _mask(lm, lm.layout.n_layers * lm.layout.n_kv_heads), "sparse": _mask(lm, args.k),
