@@ -118,7 +118,7 @@ class RayPool:
         from ray.exceptions import RayActorError
         from tqdm import tqdm
 
-        from dynheads.tracing.runner import write_sample
+        from dynheads.tracing.runner import interrupted, write_sample
 
         done = run.done_samples()
         queue = deque((order, enc) for order, enc in enumerate(samples) if enc.sample.id not in done)
@@ -130,7 +130,7 @@ class RayPool:
         key, ref = hashlib.sha256(blob).hexdigest(), ray.put(blob)
         load = {a: 0 for a in self.actors}
         flight: dict[Any, tuple[Any, int, Any]] = {}
-        n_run = 0
+        n_run, last = 0, None
         bar = tqdm(total=len(queue), desc=run.path.name, unit="sample", file=sys.stderr, disable=quiet, leave=False)
         try:
             while queue or flight:
@@ -149,8 +149,11 @@ class RayPool:
                     continue
                 load[a] -= 1
                 write_sample(run, order, enc, arrays, result)
-                n_run += 1
+                n_run, last = n_run + 1, enc.sample.id
                 bar.update(1)
+        except KeyboardInterrupt:  # samples in flight are lost; every written one is kept
+            bar.close()
+            raise interrupted(run, len(done) + n_run, total, n_run, last) from None
         finally:
             bar.close()
         return n_run

@@ -61,13 +61,17 @@ def run_samples(run: RunDir, samples: Iterable[EncodedSample], work: SampleWork,
             last = encoded.sample.id
     except KeyboardInterrupt:
         bar.close()
-        finished = len(done) + n_run
-        where = f"; last finished: {last}" if last else ""
-        raise Interrupted(f"interrupted: {finished}{f' of {total}' if total else ''} samples are finished in "
-                          f"{run.path} ({n_run} in this call{where}); rerun the same command to resume") from None
+        raise interrupted(run, len(done) + n_run, total, n_run, last) from None
     finally:
         bar.close()
     return n_run
+
+
+def interrupted(run: RunDir, finished: int, total: int | None, n_run: int, last: str | None) -> Interrupted:
+    """The one-line error of a run stopped by Ctrl-C: how far it got, where, and how to resume."""
+    where = f"; last finished: {last}" if last else ""
+    return Interrupted(f"interrupted: {finished}{f' of {total}' if total else ''} samples are finished in "
+                       f"{run.path} ({n_run} in this call{where}); rerun the same command to resume")
 
 
 def write_sample(run: RunDir, order: int, encoded: EncodedSample, arrays: dict[str, np.ndarray],

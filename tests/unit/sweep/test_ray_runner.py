@@ -57,3 +57,41 @@ def test_work_holding_a_driver_tensor_is_refused():
     weight = driver.model.lm_head.weight
     with pytest.raises(DynheadsError, match="meta"):
         dump_work(lambda enc: weight.shape, driver)
+
+
+def test_ctrl_c_during_a_ray_run_keeps_written_samples_and_says_how_to_resume(tmp_path, monkeypatch):
+    """The pool's loop under a stand-in Ray (no cluster): Ctrl-C while waiting gives the local runner's message."""
+    import ray
+
+    from dynheads.errors import Interrupted
+    from dynheads.runs import RunDir
+    from dynheads.sweep import ray_runner
+
+    class Actor:
+        class run:  # noqa: N801  (ray's actor.method.remote(...) shape)
+            @staticmethod
+            def remote(ref, key, enc):
+                return enc.sample.id  # the "object ref" is the sample id
+
+    waits = []
+
+    def wait(refs, num_returns=1):
+        waits.append(len(refs))
+        if len(waits) == 3:  # two samples written, then Ctrl-C
+            raise KeyboardInterrupt
+        return refs[:1], refs[1:]
+
+    monkeypatch.setattr(ray, "put", lambda blob: "blob")
+    monkeypatch.setattr(ray, "wait", wait)
+    monkeypatch.setattr(ray, "get", lambda sid: ({"token_id": np.arange(2)}, {"id_seen": sid}))
+    monkeypatch.setattr(ray_runner, "dump_work", lambda work, lm: b"work")
+    pool = ray_runner.RayPool("tiny", workers=1)
+    pool.started, pool.actors = True, [Actor()]
+    run = RunDir.create(tmp_path / "run", {"kind": "test"})
+    samples = [_sample(i) for i in range(4)]
+    with pytest.raises(Interrupted) as err:
+        pool.run_samples(None, run, samples, work=None, total=4, quiet=True)
+    assert err.value.exit_code == 130
+    assert str(err.value) == (f"interrupted: 2 of 4 samples are finished in {run.path} (2 in this call; last "
+                              "finished: s1); rerun the same command to resume")
+    assert run.done_samples() == {"s0", "s1"}
