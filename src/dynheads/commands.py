@@ -165,11 +165,10 @@ def rag_settings(data, limit=100, heads=("dynamic", "static", "dynamic-random", 
     from dynheads.rag.loop import RagConfig
     from dynheads.rag.retrievers import HeadWindowRetriever
     from dynheads.rag.trigger import RindTrigger
-    from dynheads.tasks.multihop import MultihopConfig
 
     names = tuple(dict.fromkeys(h.strip() for h in _strings(heads) if h.strip()))
     return rag_exp.RagSettings(
-        MultihopConfig(str(data), limit, format, prompt), names, retrieval, corpus, n_heads, seed=seed,
+        _rag_questions(data, limit, format, prompt), names, retrieval, corpus, n_heads, seed=seed,
         loop=RagConfig(max_new_tokens=max_new_tokens, max_sentence_tokens=max_sentence_tokens),
         trigger=RindTrigger(threshold=rind_threshold), windows=HeadWindowRetriever(k=top_k, window=window))
 
@@ -192,13 +191,20 @@ def check_rag(data: str | None = None, **params):
     """Strategies, questions and corpus, before the model loads; returns the validated inputs."""
     if data is None:
         raise ConfigError("rag needs 'data' (a multi-hop QA file)")
-    from dynheads.tasks.multihop import MultihopConfig, load_questions  # torch-free: a bad file fails at once
+    from dynheads.tasks.multihop import load_questions  # torch-free: a bad file fails at once
 
-    load_questions(MultihopConfig(str(data), params.get("limit", 100), params.get("format", "auto"),
-                                  params.get("prompt", "cot")))
+    known = {k: params[k] for k in ("limit", "format", "prompt") if k in params}
+    loaded = load_questions(_rag_questions(data, **known))
     from dynheads.experiments import rag as rag_exp
 
-    return rag_exp.check_inputs(rag_settings(data, **params))
+    return rag_exp.check_inputs(rag_settings(data, **params), loaded)
+
+
+def _rag_questions(data, limit=100, format="auto", prompt="cot"):
+    """The `rag` command's question file settings (its defaults: chain-of-thought prompt, 100 questions)."""
+    from dynheads.tasks.multihop import MultihopConfig
+
+    return MultihopConfig(str(data), limit, format, prompt)
 
 
 commands.register("rag")(Command(check_rag, run_rag))

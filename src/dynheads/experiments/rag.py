@@ -70,13 +70,16 @@ class RagSettings:
     windows: HeadWindowRetriever = field(default_factory=HeadWindowRetriever)  # k 10, window 64 (paper silent)
 
 
-def check_inputs(settings: RagSettings) -> tuple[Any, Any]:
-    """Validate what needs no model (strategies, questions, corpus): (loaded questions, retrieval mode)."""
+def check_inputs(settings: RagSettings, loaded=None) -> tuple[Any, Any]:
+    """Validate what needs no model (strategies, questions, corpus): (loaded questions, retrieval mode).
+
+    `loaded`: the questions when the caller already read `settings.task` (they are not read twice).
+    """
     if not settings.strategies:
         raise ConfigError("no head strategy given (--heads)")
     for name in settings.strategies:
         strategies.get(name)
-    loaded = load_questions(settings.task)
+    loaded = loaded if loaded is not None else load_questions(settings.task)
     return loaded, retrieval_modes.get(settings.retrieval).from_settings(settings)
 
 
