@@ -72,7 +72,8 @@ def register(app: typer.Typer) -> None:
             run, result = run_sparse(lm, samples, _asdict(niah), config, out, score_response,
                                      niah, trace, quiet)
         else:
-            from dynheads.experiments.trace import MultihopConfig, load_questions, score_answer
+            from dynheads.experiments.trace import score_answer
+            from dynheads.tasks.multihop import MultihopConfig, load_questions
 
             task = MultihopConfig(str(data), limit)
             loaded = load_questions(task)  # bad input fails before the model loads

@@ -18,7 +18,7 @@ import numpy as np
 from dynheads.config import run_config
 from dynheads.errors import ConfigError, DataError
 from dynheads.experiments.stats import bootstrap_ci, paired_difference
-from dynheads.experiments.trace import MultihopConfig, load_questions, score_answer
+from dynheads.experiments.trace import score_answer
 from dynheads.files import fingerprint, resolved
 from dynheads.heads import HeadLayout
 from dynheads.models import LoadedModel
@@ -30,6 +30,7 @@ from dynheads.rag.retrievers import QUERY_WORDS, HeadWindowRetriever
 from dynheads.rag.trigger import RindTrigger
 from dynheads.runs import RunDir
 from dynheads.tasks.base import encode
+from dynheads.tasks.multihop import MultihopConfig, load_questions
 from dynheads.tracing.runner import Runner, run_samples
 from dynheads.tracing.tracer import Tracer
 

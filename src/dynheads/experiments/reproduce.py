@@ -216,7 +216,7 @@ def _split(p: Preset, out: Path) -> tuple[Path, Path]:
 
 def _run_rag(lm, p: Preset, out: Path):
     from dynheads.experiments import rag as rag_exp
-    from dynheads.experiments.trace import MultihopConfig
+    from dynheads.tasks.multihop import MultihopConfig
     from dynheads.rag.loop import RagConfig
 
     if not (out / "multihop" / "samples").is_dir():

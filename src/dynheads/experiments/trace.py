@@ -17,7 +17,7 @@ from dynheads.files import fingerprint, resolved
 from dynheads.models import LoadedModel
 from dynheads.runs import RunDir
 from dynheads.scores.base import get_score
-from dynheads.tasks.multihop import MultihopConfig, load_questions  # noqa: F401  (re-exported; torch-free)
+from dynheads.tasks.multihop import MultihopConfig, load_questions
 from dynheads.tasks.niah import NiahConfig, niah_samples, score_response
 from dynheads.tracing.runner import Runner, first_checked, run_samples, trace_sample
 from dynheads.tracing.tracer import TraceConfig, Tracer
