@@ -39,31 +39,38 @@ def _runner():
 
 # --- niah ------------------------------------------------------------------------------------
 def niah_config(lengths, depths, samples_per_cell: int = 2, haystack: str | None = None,
-                needles: str | None = None, seed: int = 0, num_needles: int = 1, mode: str | None = None):
+                needles: str | None = None, seed: int = 0, num_needles: int = 1, mode: str | None = None,
+                prompt_style: str = "auto"):
     """NiahConfig (one needle) or MultiNiahConfig (several) from the niah flags."""
+    from dynheads.tasks.base import check_prompt_style
     from dynheads.tasks.multineedle import niah_config as config
 
+    check_prompt_style(prompt_style)
     return config(num_needles, mode, lengths=_ints(lengths, "lengths"), depths=_floats(depths, "depths"),
-                  samples_per_cell=samples_per_cell, haystack=haystack, needles=needles, seed=seed)
+                  samples_per_cell=samples_per_cell, haystack=haystack, needles=needles, seed=seed,
+                  prompt_style=prompt_style)
 
 
 def run_niah(lm, out, *, lengths=(1000, 2000, 4000), depths=(0, 25, 50, 75, 100), samples_per_cell: int = 2,
              haystack: str | None = None, needles: str | None = None, num_needles: int = 1, mode: str | None = None,
-             max_new_tokens: int = 48, topk: int = 1, seed: int = 0, quiet: bool = False, runner=None):
+             max_new_tokens: int = 48, topk: int = 1, seed: int = 0, prompt_style: str = "auto", quiet: bool = False,
+             runner=None):
     """Trace a NIAH grid (the `niah` command)."""
     from dynheads.experiments.trace import run_niah as trace_niah
     from dynheads.tracing.tracer import TraceConfig
 
-    cfg = niah_config(lengths, depths, samples_per_cell, haystack, needles, seed, num_needles, mode)
+    cfg = niah_config(lengths, depths, samples_per_cell, haystack, needles, seed, num_needles, mode, prompt_style)
     return trace_niah(lm, cfg, out, TraceConfig(max_new_tokens=max_new_tokens, topk=topk), quiet, runner or _runner())
 
 
 def check_niah(lengths=(1000,), depths=(0,), samples_per_cell: int = 2, haystack: str | None = None,
-               needles: str | None = None, out=None, num_needles: int = 1, mode: str | None = None, **_):
+               needles: str | None = None, out=None, num_needles: int = 1, mode: str | None = None,
+               prompt_style: str = "auto", **_):
     """The NIAH grid, its input files and --out (the lengths against the model are checked with the samples)."""
     from dynheads.cli.trace import check_niah as check_grid
 
-    check_grid(niah_config(lengths, depths, samples_per_cell, haystack, needles, 0, num_needles, mode), out)
+    check_grid(niah_config(lengths, depths, samples_per_cell, haystack, needles, 0, num_needles, mode, prompt_style),
+               out)
 
 
 commands.register("niah")(Command(check_niah, run_niah))
@@ -73,12 +80,12 @@ commands.register("niah")(Command(check_niah, run_niah))
 def run_ablate(lm, out, *, lengths=(1000, 2000, 4000), depths=(0, 25, 50, 75, 100), samples_per_cell: int = 3,
                static_ranking: str | None = None, method: str = "zero", match: str = "average",
                match_scope: str = "run", random_per_step: bool = False, haystack: str | None = None, max_new_tokens: int = 48,
-               n_boot: int = 2000, seed: int = 0, quiet: bool = False, runner=None):
+               n_boot: int = 2000, seed: int = 0, prompt_style: str = "auto", quiet: bool = False, runner=None):
     """Per-step ablation grid (the `ablate` command); returns (run, result)."""
     from dynheads.experiments import ablation as abl
     from dynheads.tracing.tracer import TraceConfig
 
-    niah = niah_config(lengths, depths, samples_per_cell, haystack, None, seed)
+    niah = niah_config(lengths, depths, samples_per_cell, haystack, None, seed, prompt_style=prompt_style)
     config = abl.AblationConfig(method=method, match=match, match_scope=match_scope, random_per_step=random_per_step,
                                 static_ranking=static_ranking, n_boot=n_boot, seed=seed)
     return abl.run_ablation(lm, niah, out, config, TraceConfig(max_new_tokens=max_new_tokens), quiet,
@@ -87,10 +94,10 @@ def run_ablate(lm, out, *, lengths=(1000, 2000, 4000), depths=(0, 25, 50, 75, 10
 
 def check_ablate(lengths=(1000,), depths=(0,), samples_per_cell: int = 3, method: str = "zero",
                  match: str = "average", haystack: str | None = None, static_ranking: str | None = None,
-                 out=None, match_scope: str = "run", **_):
+                 out=None, match_scope: str = "run", prompt_style: str = "auto", **_):
     from dynheads.cli.ablation import _check_ranking
 
-    check_niah(lengths, depths, samples_per_cell, haystack, None, out)
+    check_niah(lengths, depths, samples_per_cell, haystack, None, out, prompt_style=prompt_style)
     _check_ranking(static_ranking)
     from dynheads.experiments.ablation import AblationConfig  # imports torch: after the cheap checks
 
@@ -104,13 +111,14 @@ def run_ablate_progressive(lm, out, *, length: int = 2000, ks=(0, 5, 10, 15, 20,
                                                                 65, 70),
                            samples: int = 20, static_ranking: str | None = None, static_top: int = 20,
                            method: str = "zero", haystack: str | None = None, max_new_tokens: int = 48,
-                           n_boot: int = 2000, seed: int = 0, quiet: bool = False, runner=None):
+                           n_boot: int = 2000, seed: int = 0, prompt_style: str = "auto", quiet: bool = False,
+                           runner=None):
     """Progressive ablation (the `ablate-progressive` command); returns (run, result)."""
     from dynheads.experiments import progressive as prog
     from dynheads.experiments.ablation import AblationConfig
     from dynheads.tracing.tracer import TraceConfig
 
-    niah = prog.progressive_niah(length, samples, seed, haystack)
+    niah = prog.progressive_niah(length, samples, seed, haystack, prompt_style)
     config = AblationConfig(method=method, static_ranking=static_ranking, static_top=static_top,
                             n_boot=n_boot, seed=seed)
     return prog.run_progressive(lm, niah, _ints(ks, "ks"), out, config, TraceConfig(max_new_tokens=max_new_tokens),
@@ -118,13 +126,14 @@ def run_ablate_progressive(lm, out, *, length: int = 2000, ks=(0, 5, 10, 15, 20,
 
 
 def check_ablate_progressive(length: int = 2000, ks=(0,), samples: int = 20, method: str = "zero",
-                             haystack: str | None = None, static_ranking: str | None = None, out=None, **_):
+                             haystack: str | None = None, static_ranking: str | None = None, out=None,
+                             prompt_style: str = "auto", **_):
     from dynheads.cli.ablation import _check_ranking
 
     k_values = _ints(ks, "ks")
     if min(k_values) < 0:  # k above the head count fails once the model is known
         raise ConfigError(f"k = {min(k_values)} must not be negative")
-    check_niah((length,), (0.0,), samples, haystack, None, out)
+    check_niah((length,), (0.0,), samples, haystack, None, out, prompt_style=prompt_style)
     _check_ranking(static_ranking)
     from dynheads.experiments.ablation import AblationConfig  # imports torch: after the cheap checks
 
@@ -136,22 +145,22 @@ commands.register("ablate-progressive")(Command(check_ablate_progressive, run_ab
 
 # --- multi-hop QA and Dynamic RAG ------------------------------------------------------------
 def run_multihop(lm, out, *, data: str, limit: int | None = 100, format: str = "auto", prompt: str = "short",
-                 max_new_tokens: int = 32, quiet: bool = False, runner=None):
+                 max_new_tokens: int = 32, prompt_style: str = "auto", quiet: bool = False, runner=None):
     """Trace multi-hop QA with the Eq. 2 score (the `multihop` command)."""
     from dynheads.experiments.trace import run_multihop as trace_multihop
     from dynheads.tracing.tracer import TraceConfig
 
     return trace_multihop(lm, data, limit, out, TraceConfig(max_new_tokens=max_new_tokens), format, quiet, prompt,
-                          runner or _runner())
+                          runner or _runner(), prompt_style)
 
 
 def check_multihop(data: str | None = None, limit: int | None = 100, format: str = "auto", prompt: str = "short",
-                   **_):
+                   prompt_style: str = "auto", **_):
     from dynheads.tasks.multihop import MultihopConfig, load_questions  # torch-free: errors come at once
 
     if data is None:
         raise ConfigError("multihop needs 'data' (a multi-hop QA file)")
-    load_questions(MultihopConfig(str(data), limit, format, prompt))
+    load_questions(MultihopConfig(str(data), limit, format, prompt, prompt_style))
 
 
 commands.register("multihop")(Command(check_multihop, run_multihop))
@@ -159,7 +168,8 @@ commands.register("multihop")(Command(check_multihop, run_multihop))
 
 def rag_settings(data, limit=100, heads=("dynamic", "static", "dynamic-random", "fixed-random", "none"),
                  retrieval="in-context", corpus=None, format="auto", prompt="cot", max_new_tokens=100,
-                 max_sentence_tokens=40, rind_threshold=1.2, top_k=10, window=64, n_heads=5, seed=0, **_):
+                 max_sentence_tokens=40, rind_threshold=1.2, top_k=10, window=64, n_heads=5, seed=0,
+                 prompt_style="auto", **_):
     """The Dynamic RAG settings of the `rag` command's flags."""
     from dynheads.experiments import rag as rag_exp
     from dynheads.rag.loop import RagConfig
@@ -168,7 +178,7 @@ def rag_settings(data, limit=100, heads=("dynamic", "static", "dynamic-random", 
 
     names = tuple(dict.fromkeys(h.strip() for h in _strings(heads) if h.strip()))
     return rag_exp.RagSettings(
-        _rag_questions(data, limit, format, prompt), names, retrieval, corpus, n_heads, seed=seed,
+        _rag_questions(data, limit, format, prompt, prompt_style), names, retrieval, corpus, n_heads, seed=seed,
         loop=RagConfig(max_new_tokens=max_new_tokens, max_sentence_tokens=max_sentence_tokens),
         trigger=RindTrigger(threshold=rind_threshold), windows=HeadWindowRetriever(k=top_k, window=window))
 
@@ -178,12 +188,12 @@ def run_rag(lm, out, *, data: str, limit: int | None = 100,
             regressor: str | None = None, retrieval: str = "in-context", corpus: str | None = None,
             format: str = "auto", prompt: str = "cot", max_new_tokens: int = 100, max_sentence_tokens: int = 40,
             rind_threshold: float = 1.2, top_k: int = 10, window: int = 64, n_heads: int = 5, seed: int = 0,
-            quiet: bool = False, runner=None, inputs=None):
+            prompt_style: str = "auto", quiet: bool = False, runner=None, inputs=None):
     """Dynamic RAG over head strategies (the `rag` command); `inputs`: check_rag's result when already made."""
     from dynheads.experiments import rag as rag_exp
 
     settings = rag_settings(data, limit, heads, retrieval, corpus, format, prompt, max_new_tokens,
-                            max_sentence_tokens, rind_threshold, top_k, window, n_heads, seed)
+                            max_sentence_tokens, rind_threshold, top_k, window, n_heads, seed, prompt_style)
     return rag_exp.run_rag(lm, settings, out, static_ranking, regressor, quiet, inputs, runner or _runner())
 
 
@@ -193,18 +203,18 @@ def check_rag(data: str | None = None, **params):
         raise ConfigError("rag needs 'data' (a multi-hop QA file)")
     from dynheads.tasks.multihop import load_questions  # torch-free: a bad file fails at once
 
-    known = {k: params[k] for k in ("limit", "format", "prompt") if k in params}
+    known = {k: params[k] for k in ("limit", "format", "prompt", "prompt_style") if k in params}
     loaded = load_questions(_rag_questions(data, **known))
     from dynheads.experiments import rag as rag_exp
 
     return rag_exp.check_inputs(rag_settings(data, **params), loaded)
 
 
-def _rag_questions(data, limit=100, format="auto", prompt="cot"):
+def _rag_questions(data, limit=100, format="auto", prompt="cot", prompt_style="auto"):
     """The `rag` command's question file settings (its defaults: chain-of-thought prompt, 100 questions)."""
     from dynheads.tasks.multihop import MultihopConfig
 
-    return MultihopConfig(str(data), limit, format, prompt)
+    return MultihopConfig(str(data), limit, format, prompt, prompt_style)
 
 
 commands.register("rag")(Command(check_rag, run_rag))

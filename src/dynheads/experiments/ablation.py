@@ -32,7 +32,7 @@ from dynheads.config import run_config
 from dynheads.errors import ConfigError
 from dynheads.experiments.static_ranking import load_static_ranking
 from dynheads.experiments.stats import bootstrap_ci, paired_difference, sample_rng
-from dynheads.experiments.trace import check_prompt_budget, niah_inputs
+from dynheads.experiments.trace import check_prompt_budget, niah_inputs, with_prompt_style
 from dynheads.interventions.methods import ablations
 from dynheads.interventions.selectors import build, make_intervention
 from dynheads.models import LoadedModel
@@ -184,6 +184,7 @@ def run_ablation(lm: LoadedModel, niah: NiahConfig, out: str | Path, config: Abl
     from dynheads.report.ablation_figures import ablation_heatmaps
 
     trace = replace(trace, record_hidden=False, mass_spans=(config.span,))
+    niah, trace = with_prompt_style(lm, niah, trace)
     niah, inputs = niah_inputs(niah)
     check_prompt_budget(niah.lengths, trace.max_new_tokens, lm.max_positions)
     samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))

@@ -21,7 +21,7 @@ from dynheads.experiments.ablation import AblationConfig, metric_arrays, run_con
 from dynheads.experiments.dynamism import static_cap_note, top_heads
 from dynheads.experiments.static_ranking import load_static_ranking
 from dynheads.experiments.stats import sample_rng
-from dynheads.experiments.trace import check_prompt_budget, niah_inputs
+from dynheads.experiments.trace import check_prompt_budget, niah_inputs, with_prompt_style
 from dynheads.interventions.selectors import build
 from dynheads.models import LoadedModel
 from dynheads.runs import RunDir
@@ -81,10 +81,12 @@ def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out:
 
     check_ks(ks, lm.layout.n_total)
     trace = replace(trace, record_hidden=False, mass_spans=(config.span,), row_spans=(config.span,))
+    niah, trace = with_prompt_style(lm, niah, trace)
     niah, inputs = niah_inputs(niah)
     check_prompt_budget(niah.lengths, trace.max_new_tokens, lm.max_positions)
     samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
-    detection = progressive_niah(niah.lengths[0], config.detection_samples, niah.seed + 1, niah.haystack)
+    detection = progressive_niah(niah.lengths[0], config.detection_samples, niah.seed + 1, niah.haystack,
+                                 niah.prompt_style)
     load_ranking = partial(load_static_ranking, config.static_ranking, lm, niah, {e.sample.id for e in samples},
                            detection, Path(out) / "detection", trace, quiet, runner)
     given = load_ranking() if config.static_ranking else None  # checked before the run folder exists
@@ -110,12 +112,14 @@ def run_progressive(lm: LoadedModel, niah: NiahConfig, ks: tuple[int, ...], out:
     return run, result
 
 
-def progressive_niah(length: int, n_samples: int, seed: int, haystack: str | None = None) -> NiahConfig:
+def progressive_niah(length: int, n_samples: int, seed: int, haystack: str | None = None,
+                     prompt_style: str = "auto") -> NiahConfig:
     """One sample per depth, depths evenly spaced over 0–100% (the paper only says 20 runs at 5000 tokens)."""
     if n_samples < 1:
         raise ConfigError("--samples must be at least 1")
     depths = tuple(dict.fromkeys(round(float(d), 1) for d in np.linspace(0, 100, n_samples)))
-    return NiahConfig(lengths=(length,), depths=depths, samples_per_cell=1, haystack=haystack, seed=seed)
+    return NiahConfig(lengths=(length,), depths=depths, samples_per_cell=1, haystack=haystack, seed=seed,
+                      prompt_style=prompt_style)
 
 
 def check_ks(ks: tuple[int, ...], n_heads: int) -> None:

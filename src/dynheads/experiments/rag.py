@@ -29,10 +29,10 @@ from dynheads.rag.modes import N_PASSAGES, retrieval_modes
 from dynheads.rag.retrievers import QUERY_WORDS, HeadWindowRetriever
 from dynheads.rag.trigger import RindTrigger
 from dynheads.runs import RunDir
-from dynheads.tasks.base import encode
+from dynheads.tasks.base import encode, resolve_prompt_style
 from dynheads.tasks.multihop import MultihopConfig, load_questions
 from dynheads.tracing.runner import Runner, run_samples
-from dynheads.tracing.tracer import Tracer
+from dynheads.tracing.tracer import TraceConfig, Tracer
 
 # Paper Table 4 (HotpotQA, EM / F1). No "full context" row exists in the paper.
 PAPER_TABLE4 = {
@@ -91,6 +91,10 @@ def run_rag(lm: LoadedModel, settings: RagSettings, out: str | Path, static_rank
 
     `inputs`: the result of `check_inputs(settings)` when the caller validated before loading the model.
     """
+    style = resolve_prompt_style(lm.tokenizer, settings.task.prompt_style)
+    settings = replace(settings, task=replace(settings.task, prompt_style=style))
+    if inputs is not None and len(inputs[0]) and inputs[0][0].prompt.style != style:  # checked before "auto" was resolved
+        inputs = check_inputs(settings)
     loaded, mode = inputs or check_inputs(settings)
     # resolved paths and content hashes: a resumed run compares them, so it cannot mix inputs
     settings = replace(settings, task=replace(settings.task, data=resolved(settings.task.data)),
@@ -109,7 +113,7 @@ def run_rag(lm: LoadedModel, settings: RagSettings, out: str | Path, static_rank
         reg.save(run.path / "results" / "regressor.pt")
     built = {name: build_strategy(name, ranking=ranking, regressor=reg, shape=lm.layout.shape, n_heads=settings.n_heads)
              for name in settings.strategies}
-    tracer = Tracer(lm)
+    tracer = Tracer(lm, TraceConfig(stop_at_newline=style == "completion"))
 
     def work(enc):
         prepared = loop.prepare(tracer, enc)

@@ -47,6 +47,7 @@ class Preset:
     rag_max_new_tokens: int = 32
     max_new_tokens: int = 48
     seed: int = 0
+    prompt_style: str = "auto"  # tasks/base.py: auto | chat | completion, for every step that builds prompts
 
 
 PRESETS = {
@@ -97,14 +98,17 @@ def steps(p: Preset, out: Path, model: str) -> list[Step]:
 
     j = lambda xs: ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in xs)  # noqa: E731
     d = lambda name: out / name  # noqa: E731
-    niah = NiahConfig(p.niah_lengths, tuple(map(float, p.niah_depths)), p.niah_per_cell, seed=p.seed)
-    grid = NiahConfig(p.ablation_lengths, tuple(map(float, p.ablation_depths)), p.ablation_per_cell, seed=p.seed)
+    niah = NiahConfig(p.niah_lengths, tuple(map(float, p.niah_depths)), p.niah_per_cell, seed=p.seed,
+                      prompt_style=p.prompt_style)
+    grid = NiahConfig(p.ablation_lengths, tuple(map(float, p.ablation_depths)), p.ablation_per_cell, seed=p.seed,
+                      prompt_style=p.prompt_style)
+    style = f" --prompt-style {p.prompt_style}"
     trace = TraceConfig(max_new_tokens=p.max_new_tokens)
     det, ev = d("data") / "hotpotqa_detection.json", d("data") / "hotpotqa_eval.json"
     out_steps = [
         Step("niah", "niah", True, f"dynheads niah --model {model} --lengths {j(p.niah_lengths)} --depths "
              f"{j(p.niah_depths)} --samples-per-cell {p.niah_per_cell} --topk {p.topk} --max-new-tokens "
-             f"{p.max_new_tokens} --seed {p.seed} --out {d('niah')}",
+             f"{p.max_new_tokens} --seed {p.seed}{style} --out {d('niah')}",
              lambda lm: run_niah(lm, niah, d("niah"), replace(trace, topk=p.topk), True)),
         Step("dynamism", "niah", False, f"dynheads dynamism {d('niah')}",
              lambda lm: dynamism.run(RunDir.open(d("niah")))),
@@ -118,23 +122,24 @@ def steps(p: Preset, out: Path, model: str) -> list[Step]:
     out_steps += [
         Step("ablation", "ablation", True, f"dynheads ablate --model {model} --lengths {j(p.ablation_lengths)} "
              f"--depths {j(p.ablation_depths)} --samples-per-cell {p.ablation_per_cell} --max-new-tokens "
-             f"{p.max_new_tokens} --seed {p.seed} --out {d('ablation')}",
+             f"{p.max_new_tokens} --seed {p.seed}{style} --out {d('ablation')}",
              lambda lm: abl.run_ablation(lm, grid, d("ablation"), cfg, trace, True)),
         Step("progressive", "progressive", True, f"dynheads ablate-progressive --model {model} --length "
              f"{p.progressive_length} --ks {j(p.progressive_ks)} --samples {p.progressive_samples} "
-             f"--max-new-tokens {p.max_new_tokens} --seed {p.seed} --out {d('progressive')}",
+             f"--max-new-tokens {p.max_new_tokens} --seed {p.seed}{style} --out {d('progressive')}",
              lambda lm: prog.run_progressive(lm, prog.progressive_niah(p.progressive_length, p.progressive_samples,
-                                                                       p.seed), p.progressive_ks, d("progressive"),
-                                             cfg, trace, True)),
+                                                                       p.seed, prompt_style=p.prompt_style),
+                                             p.progressive_ks, d("progressive"), cfg, trace, True)),
         Step("multihop", "multihop", True, f"dynheads multihop --model {model} --data {det} --limit "
-             f"{_count(p.multihop_records)} --max-new-tokens {p.multihop_max_new_tokens} --out {d('multihop')}",
+             f"{_count(p.multihop_records)} --max-new-tokens {p.multihop_max_new_tokens}{style} --out {d('multihop')}",
              lambda lm: run_multihop(lm, _split(p, out)[0], None, d("multihop"),
-                                     TraceConfig(max_new_tokens=p.multihop_max_new_tokens), quiet=True)),
+                                     TraceConfig(max_new_tokens=p.multihop_max_new_tokens), quiet=True,
+                                     prompt_style=p.prompt_style)),
         Step("probe_regress_k0", "multihop", False, f"dynheads probe {d('multihop')} --regress",
              lambda lm: probe_table.run(RunDir.open(d("multihop")), ProbeConfig(regress=True))),
         Step("rag", "rag", True, f"dynheads rag --model {model} --data {ev} --limit {_count(p.rag_records)} "
              f"--heads {','.join(p.rag_strategies)} --static-ranking {d('multihop')} --regressor {d('multihop')} "
-             f"--prompt short --max-new-tokens {p.rag_max_new_tokens} --max-sentence-tokens 32 --out {d('rag')}",
+             f"--prompt short --max-new-tokens {p.rag_max_new_tokens} --max-sentence-tokens 32{style} --out {d('rag')}",
              lambda lm: _run_rag(lm, p, out)),
     ]
     return out_steps
@@ -223,7 +228,8 @@ def _run_rag(lm, p: Preset, out: Path):
         from dynheads.errors import DataError
 
         raise DataError("the multihop detection run is missing (its step was skipped)")
-    settings = rag_exp.RagSettings(MultihopConfig(str(_split(p, out)[1]), None, "auto", "short"), p.rag_strategies,
+    settings = rag_exp.RagSettings(MultihopConfig(str(_split(p, out)[1]), None, "auto", "short", p.prompt_style),
+                                   p.rag_strategies,
                                    seed=p.seed, loop=RagConfig(max_new_tokens=p.rag_max_new_tokens,
                                                                max_sentence_tokens=32))
     return rag_exp.run_rag(lm, settings, out / "rag", str(out / "multihop"), str(out / "multihop"), True)

@@ -17,6 +17,7 @@ from dynheads.files import fingerprint, resolved
 from dynheads.models import LoadedModel
 from dynheads.runs import RunDir
 from dynheads.scores.base import get_score
+from dynheads.tasks.base import resolve_prompt_style
 from dynheads.tasks.multihop import MultihopConfig, load_questions
 from dynheads.tasks.niah import NiahConfig, niah_samples, score_response
 from dynheads.tracing.runner import Runner, first_checked, run_samples, trace_sample
@@ -30,6 +31,7 @@ def run_niah(lm: LoadedModel, niah: NiahConfig, out: str | Path, trace: TraceCon
     n_needles = getattr(niah, "num_needles", 1)  # MultiNiahConfig (tasks/multineedle.py): one span per needle
     each = tuple(f"needle_{i}" for i in range(n_needles)) if n_needles > 1 else ()
     trace = replace(trace, mass_spans=tuple(dict.fromkeys(trace.mass_spans + ("needle",) + each)))
+    niah, trace = with_prompt_style(lm, niah, trace)
     niah, inputs = niah_inputs(niah)
     check_prompt_budget(niah.lengths, trace.max_new_tokens, lm.max_positions)
     samples = first_checked(niah_samples(lm.tokenizer, niah, lm.max_positions))  # bad input: before the folder
@@ -50,6 +52,13 @@ def run_niah(lm: LoadedModel, niah: NiahConfig, out: str | Path, trace: TraceCon
 
     runner(run, samples, work, total, quiet)
     return run
+
+
+def with_prompt_style(lm: LoadedModel, task, trace: TraceConfig):
+    """The task config with its prompt style resolved for this model's tokenizer (auto → chat when it has a
+    chat template), and the trace config with the stop rule of that style (completion: the first line break)."""
+    style = resolve_prompt_style(lm.tokenizer, task.prompt_style)
+    return replace(task, prompt_style=style), replace(trace, stop_at_newline=style == "completion")
 
 
 def niah_inputs(niah: NiahConfig) -> tuple[NiahConfig, dict[str, Any]]:
@@ -112,7 +121,7 @@ def fig6_table(rows: list[tuple[int, float, float]], bins=None) -> Fig6Table:
 
 def run_multihop(lm: LoadedModel, data_path: str | Path, limit: int | None, out: str | Path,
                  trace_config: TraceConfig = TraceConfig(), format: str = "auto", quiet: bool = False,
-                 prompt: str = "short", runner: Runner = run_samples) -> RunDir:
+                 prompt: str = "short", runner: Runner = run_samples, prompt_style: str = "auto") -> RunDir:
     """Trace multi-hop QA into `out` (resuming) with the Eq. 2 reasoning score on the supporting facts.
 
     Writes per-sample EM/F1, context length and support depth; results/multihop.json holds the load
@@ -123,7 +132,8 @@ def run_multihop(lm: LoadedModel, data_path: str | Path, limit: int | None, out:
     from dynheads.tasks.base import encode
     from dynheads.tasks.multihop import support_depth
 
-    task = MultihopConfig(resolved(data_path), limit, format, prompt)
+    task, trace_config = with_prompt_style(lm, MultihopConfig(resolved(data_path), limit, format, prompt, prompt_style),
+                                           trace_config)
     loaded = load_questions(task)
     score = get_score("reasoning")
     trace = replace(trace_config, mass_spans=tuple(dict.fromkeys(score.mass_spans + tuple(

@@ -22,7 +22,7 @@ from dynheads.errors import ConfigError
 from dynheads.rag.loop import Opened, Session
 from dynheads.rag.retrievers import QUERY_WORDS, HeadWindowRetriever, query_from_attention
 from dynheads.registry import Registry
-from dynheads.tasks.base import Sample, encode
+from dynheads.tasks.base import Sample, encode, tokenize_prompt
 from dynheads.tracing.tracer import StepView
 
 N_PASSAGES = 3  # passages per corpus retrieval: DRAGIN's retrieve_topk (paper: no corpus at all)
@@ -100,5 +100,5 @@ def _question_positions(session: Session) -> list[int]:
     at = text.find(question, text.find(enc.sample.context) + len(enc.sample.context))
     if at < 0 or not getattr(tok, "is_fast", False):
         return []
-    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = tokenize_prompt(tok, text, enc.sample.prompt.style)["offset_mapping"]
     return [i for i, (a, b) in enumerate(offsets) if a < at + len(question) and b > at and b > a]

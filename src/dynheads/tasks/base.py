@@ -1,27 +1,61 @@
-"""Samples (model-independent) and their encoding into one chat-templated, tokenised prompt.
+"""Samples (model-independent) and their encoding into one tokenised prompt.
 
 A task yields `Sample`s whose `spans` are character ranges inside `context`. `encode()` renders
-the chat template, tokenises once with offsets, and maps every character span to the exact
-token range that covers it, so no fuzzy needle search is ever needed.
+the prompt (the chat template, or plain text for base models), tokenises once with offsets, and
+maps every character span to the exact token range that covers it, so no fuzzy needle search is
+ever needed.
+
+Prompt styles (`--prompt-style`): `chat` renders the task's system and user messages with the
+tokenizer's chat template and encodes that text as it is (the template writes its own special
+tokens); `completion` is the base-model format of Wu et al.'s NIAH harness — the context, the
+question and an answer cue, no instruction after the question — encoded with the tokenizer's own
+special-token rule (a `<bos>` where the tokenizer adds one). `auto` picks `chat` when the tokenizer
+has a chat template and `completion` otherwise; a run stores the resolved style.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
-from dynheads.errors import DataError, ModelError
+from dynheads.errors import ConfigError, DataError, ModelError
 from dynheads.registry import Registry
 
 CharSpan = tuple[int, int]  # [start, end) in characters of Sample.context
 TokenSpan = tuple[int, int]  # [start, end) in tokens of EncodedSample.input_ids
 
 
+PROMPT_STYLES = ("auto", "chat", "completion")
+
+
 @dataclass(frozen=True)
 class PromptFormat:
-    """How a task turns context and question into chat messages; `user` holds {context} and {question}."""
+    """How a task turns context and question into a prompt; `user` holds {context} and {question}.
+
+    style "chat": `system` and `user` are chat messages for the tokenizer's template; "completion":
+    the plain text `system + "\n\n" + user` (system usually None), for models without a template.
+    """
 
     system: str | None
     user: str
+    style: str = "chat"
+
+
+def check_prompt_style(style: str) -> None:
+    """A one-line ConfigError for a style name that does not exist (no model needed)."""
+    if style not in PROMPT_STYLES:
+        raise ConfigError(f"unknown --prompt-style '{style}'; choose one of: {', '.join(PROMPT_STYLES)}")
+
+
+def resolve_prompt_style(tokenizer, style: str = "auto") -> str:
+    """`chat` or `completion` for this tokenizer: auto → chat when it has a chat template."""
+    check_prompt_style(style)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if style == "auto":
+        return "chat" if has_template else "completion"
+    if style == "chat" and not has_template:
+        raise ConfigError("--prompt-style chat: the model's tokenizer has no chat template (a base model?); "
+                          "use --prompt-style completion or auto")
+    return style
 
 
 @dataclass
@@ -75,10 +109,13 @@ def render_prompt(tokenizer, fmt: PromptFormat, context: str, question: str) -> 
     messages = ([{"role": "system", "content": fmt.system}] if fmt.system else []) + [
         {"role": "user", "content": user}
     ]
-    if getattr(tokenizer, "chat_template", None):
+    if fmt.style == "completion":
+        text = (fmt.system + "\n\n" if fmt.system else "") + user
+    elif getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:  # base model without a template: plain text, documented in README
-        text = (fmt.system + "\n\n" if fmt.system else "") + user + "\nAnswer:"
+    else:
+        raise ConfigError("a chat-style prompt needs a tokenizer with a chat template; use the completion style "
+                          "(--prompt-style completion or auto)")
     user_at = text.find(user)
     if user_at < 0:
         raise ModelError("the chat template rewrote the user message; cannot locate the context")
@@ -90,7 +127,7 @@ def encode(sample: Sample, tokenizer) -> EncodedSample:
     text, ctx_at = render_prompt(tokenizer, sample.prompt, sample.context, sample.question)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError("dynheads needs a fast tokenizer (character offsets) to locate spans exactly")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenize_prompt(tokenizer, text, sample.prompt.style)
     offsets = enc["offset_mapping"]
     token_spans = {
         name: _char_to_token_spans(offsets, [(s + ctx_at, e + ctx_at) for s, e in ranges], sample.id, name)
@@ -98,6 +135,13 @@ def encode(sample: Sample, tokenizer) -> EncodedSample:
     }
     (ctx_span,) = _char_to_token_spans(offsets, [(ctx_at, ctx_at + len(sample.context))], sample.id, "context")
     return EncodedSample(sample, list(enc["input_ids"]), token_spans, ctx_span, text)
+
+
+def tokenize_prompt(tokenizer, text: str, style: str):
+    """Token ids and character offsets of a rendered prompt: chat text exactly as the template wrote it
+    (its special tokens are in the text), completion text with the tokenizer's own special-token rule.
+    Special tokens get empty offsets, so they never fall inside a span."""
+    return tokenizer(text, add_special_tokens=style == "completion", return_offsets_mapping=True)
 
 
 def _char_to_token_spans(offsets, ranges: list[CharSpan], sample_id: str, name: str) -> list[TokenSpan]:

@@ -22,24 +22,46 @@ from typing import Any, Callable, Iterator
 
 from dynheads.errors import ConfigError, DataError
 from dynheads.registry import Registry
-from dynheads.tasks.base import CharSpan, PromptFormat, Sample, task
+from dynheads.tasks.base import CharSpan, PromptFormat, Sample, check_prompt_style, task
 
 SYSTEM = "You are a helpful assistant that answers questions using the given documents. Keep your response short and direct."
+# Base models (completion style): a worked example of the "cot" answer form, on invented documents (no
+# dataset text), before the real context; chat models get the same instruction in their user message.
+FEW_SHOT = (
+    "Answer each question from the documents by reasoning step by step in a few short sentences, then finish "
+    "with \"So the answer is <short answer>.\"\n\n"
+    "Title: Marla Quinn\nMarla Quinn is a Canadian sculptor who was born in Halifax in 1961.\n\n"
+    "Title: Halifax\nHalifax is the capital of the province of Nova Scotia.\n\n"
+    "Question: In which province was the sculptor Marla Quinn born?\n"
+    "Answer: Marla Quinn was born in Halifax. Halifax is in Nova Scotia. So the answer is Nova Scotia.\n\n"
+    "Title: Red Lantern Cafe\nThe Red Lantern Cafe opened in Leeds in 1994.\n\n"
+    "Title: Blue Door Bakery\nThe Blue Door Bakery opened in York in 1987.\n\n"
+    "Question: Did the Red Lantern Cafe open before the Blue Door Bakery?\n"
+    "Answer: The Red Lantern Cafe opened in 1994. The Blue Door Bakery opened in 1987. 1994 is after 1987. "
+    "So the answer is no.\n\n"
+)
+COMPLETION_USER = "{context}\n\nQuestion: {question}\nAnswer:"
 # "short": the answer alone (Fig. 6/7 EM/F1 on the first line). "cot": DRAGIN-style reasoning that ends
-# in "So the answer is ...", for the Dynamic RAG loop (RIND needs drafted sentences).
-PROMPTS: dict[str, PromptFormat] = {
-    "short": PromptFormat(
-        SYSTEM,
-        "Context:\n{context}\n\nQuestion: {question}\n\n"
-        "Instruction: Answer the question using the context. Reply with the short answer only "
-        "(a name, date, number, or yes/no), without explanation.",
-    ),
-    "cot": PromptFormat(
-        SYSTEM,
-        "Context:\n{context}\n\nQuestion: {question}\n\n"
-        "Instruction: Answer the question using the context. Reason step by step in a few short "
-        "sentences, then finish with \"So the answer is <short answer>.\"",
-    ),
+# in "So the answer is ...", for the Dynamic RAG loop (RIND needs drafted sentences). Each in both styles.
+PROMPTS: dict[str, dict[str, PromptFormat]] = {
+    "short": {
+        "chat": PromptFormat(
+            SYSTEM,
+            "Context:\n{context}\n\nQuestion: {question}\n\n"
+            "Instruction: Answer the question using the context. Reply with the short answer only "
+            "(a name, date, number, or yes/no), without explanation.",
+        ),
+        "completion": PromptFormat(None, COMPLETION_USER, style="completion"),
+    },
+    "cot": {
+        "chat": PromptFormat(
+            SYSTEM,
+            "Context:\n{context}\n\nQuestion: {question}\n\n"
+            "Instruction: Answer the question using the context. Reason step by step in a few short "
+            "sentences, then finish with \"So the answer is <short answer>.\"",
+        ),
+        "completion": PromptFormat(None, FEW_SHOT + COMPLETION_USER, style="completion"),
+    },
 }
 PARAGRAPH_SEP = "\n\n"
 TITLE_PREFIX = "Title: "
@@ -97,9 +119,9 @@ class MultihopTask:
 
 @task("multihop")
 def multihop(path: str, limit: int | None = None, format: str = "auto", prompt: str = "short",
-             keep_missing_support: bool = False) -> MultihopTask:
+             keep_missing_support: bool = False, prompt_style: str = "chat") -> MultihopTask:
     """HotpotQA-style multi-hop QA from a file; `format` is auto or one of `formats.names()`."""
-    samples, report = load_multihop(path, limit, format, prompt, keep_missing_support)
+    samples, report = load_multihop(path, limit, format, prompt, keep_missing_support, prompt_style)
     return MultihopTask(samples, report)
 
 
@@ -111,6 +133,7 @@ class MultihopConfig:
     limit: int | None = None  # samples kept (records skipped for missing support do not count)
     format: str = "auto"  # a layout of tasks.multihop.formats, or auto-detect from the first record
     prompt: str = "short"  # tasks.multihop.PROMPTS: "short" answers (Fig. 6 EM/F1) or "cot" (as Dynamic RAG)
+    prompt_style: str = "auto"  # auto | chat | completion (tasks/base.py); runs store the resolved style
 
 
 def load_questions(task: MultihopConfig):
@@ -124,7 +147,11 @@ def load_questions(task: MultihopConfig):
         raise ConfigError(f"unknown multihop prompt '{task.prompt}'; choose one of: {', '.join(PROMPTS)}")
     if task.limit is not None and task.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {task.limit}")
-    loaded = multihop(task.data, task.limit, task.format, task.prompt)
+    check_prompt_style(task.prompt_style)
+    # "auto" is resolved with the model's tokenizer by the run; unresolved (checks before the model loads)
+    # the records are built with the chat format, which validates the same file
+    style = "chat" if task.prompt_style == "auto" else task.prompt_style
+    loaded = multihop(task.data, task.limit, task.format, task.prompt, prompt_style=style)
     if not len(loaded):
         raise DataError(f"{task.data}: no usable records ({loaded.report.n_missing_support} of "
                         f"{loaded.report.n_records} skipped: supporting facts missing from their context)")
@@ -132,7 +159,7 @@ def load_questions(task: MultihopConfig):
 
 
 def load_multihop(path: str | Path, limit: int | None = None, format: str = "auto", prompt: str = "short",
-                  keep_missing_support: bool = False) -> tuple[list[Sample], LoadReport]:
+                  keep_missing_support: bool = False, prompt_style: str = "chat") -> tuple[list[Sample], LoadReport]:
     """Read a multi-hop QA file into Samples; `limit` caps the samples kept (skipped records do not count).
 
     Records with a supporting fact missing from their context are skipped and counted in the report;
@@ -151,7 +178,7 @@ def load_multihop(path: str | Path, limit: int | None = None, format: str = "aut
             break
         report.n_records += 1
         raw = _parse_one(parse, rec, i, path)
-        sample, n_missing = build_sample(raw, PROMPTS[prompt])
+        sample, n_missing = build_sample(raw, PROMPTS[prompt][prompt_style])
         sample.metadata.update(source=str(path), format=name, record_index=i)
         if n_missing:
             report.n_missing_support += 1

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from dynheads.errors import ConfigError
-from dynheads.tasks.base import EncodedSample, Sample
+from dynheads.tasks.base import EncodedSample, PromptFormat, Sample
 from dynheads.tasks.metrics import contains_accuracy, rouge_l
 from dynheads.tasks.niah import NIAH_PROMPT, Needle, NiahConfig, _overhead, fit_length, sentence_start
 
@@ -107,8 +107,8 @@ def insert_needles(text: str, needles: list[str], depths: list[float]) -> tuple[
     return _join(out, text[prev:]), starts
 
 
-def multi_needle_samples(tokenizer, config: MultiNiahConfig, hay, needle_file: list[Needle] | None
-                         ) -> Iterator[EncodedSample]:
+def multi_needle_samples(tokenizer, config: MultiNiahConfig, hay, needle_file: list[Needle] | None,
+                         prompt: PromptFormat = NIAH_PROMPT) -> Iterator[EncodedSample]:
     """Encoded multi-needle samples in the grid order (length, depth, repeat); ids niah{N}mk-… / niah{N}mv-…"""
     _check(config, needle_file)
     tag = f"niah{config.num_needles}{'mk' if config.mode == 'multikey' else 'mv'}"
@@ -117,11 +117,11 @@ def multi_needle_samples(tokenizer, config: MultiNiahConfig, hay, needle_file: l
             for rep in range(config.samples_per_cell):
                 sid = f"{tag}-{length}-{depth:g}-{rep}"
                 needles = make_needle_set(config, depth, random.Random(f"{config.seed}:{sid}"), needle_file, rep)
-                yield build_multi_sample(tokenizer, hay, needles, length, depth, sid, config.mode)
+                yield build_multi_sample(tokenizer, hay, needles, length, depth, sid, config.mode, prompt)
 
 
 def build_multi_sample(tokenizer, hay, needles: NeedleSet, length: int, depth: float, sample_id: str,
-                       mode: str) -> EncodedSample:
+                       mode: str, prompt: PromptFormat = NIAH_PROMPT) -> EncodedSample:
     """One prompt of exactly `length` tokens holding every needle of `needles` (spans: module docstring)."""
     texts = [n.text for n in needles.needles]
     values = [needles.needles[i].answer for i in needles.queried]
@@ -136,13 +136,14 @@ def build_multi_sample(tokenizer, hay, needles: NeedleSet, length: int, depth: f
             answer=values[0] if mode == "multikey" else values,
             spans={"needle": [each[f"needle_{i}"][0] for i in needles.queried],
                    "answer": [value[f"value_{i}"][0] for i in needles.queried], **each, **value},
-            prompt=NIAH_PROMPT,
+            prompt=prompt,
             metadata={"length": length, "depth": depth, "needle": texts[needles.queried[0]], "mode": mode,
                       "needles": texts, "depths": list(needles.depths), "values": [n.answer for n in needles.needles],
                       "queried": list(needles.queried)},
         )
 
-    return fit_length(tokenizer, hay, length, _overhead(tokenizer, " ".join(texts), needles.question), make, search=8)
+    return fit_length(tokenizer, hay, length, _overhead(tokenizer, " ".join(texts), needles.question, prompt), make,
+                      search=8)
 
 
 def score_multi_response(response: str, sample: Sample) -> dict:

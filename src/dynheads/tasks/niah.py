@@ -16,15 +16,18 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from dynheads.errors import ConfigError, DataError
-from dynheads.tasks.base import EncodedSample, PromptFormat, Sample, encode, task
+from dynheads.tasks.base import EncodedSample, PromptFormat, Sample, encode, resolve_prompt_style, task
 from dynheads.tasks.metrics import contains_accuracy, rouge_l
 
-NIAH_PROMPT = PromptFormat(
+NIAH_PROMPT = PromptFormat(  # the paper's chat prompt (App. A.1)
     system="You are a helpful AI bot that answers questions for a user. Keep your response short and direct.",
     user="Context: {context}\n\nQuestion: {question}\n\n"
     "Instruction: Answer the question using the context. Don't give information outside the document "
     "or repeat your findings.",
 )
+# Base models (Wu et al.'s harness): the context, the question and an answer cue; nothing after the cue.
+NIAH_COMPLETION = PromptFormat(None, "{context}\n\nQuestion: {question}\nAnswer:", style="completion")
+NIAH_PROMPTS = {"chat": NIAH_PROMPT, "completion": NIAH_COMPLETION}
 UUID_NEEDLE = "The magic word is {answer}."
 UUID_QUESTION = "What is the magic word?"
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?(\s|$)")
@@ -55,6 +58,7 @@ class NiahConfig:
     haystack: str | None = None  # folder or .txt file; None = CPython documentation prose (embedded)
     needles: str | None = None  # JSONL with needle/question/real_needle; None = fresh seeded UUID per sample
     seed: int = 0
+    prompt_style: str = "auto"  # auto | chat | completion (tasks/base.py); runs store the resolved style
 
 
 def niah_samples(tokenizer, config: NiahConfig, max_positions: int | None = None) -> Iterator[EncodedSample]:
@@ -67,13 +71,14 @@ def niah_samples(tokenizer, config: NiahConfig, max_positions: int | None = None
     for depth in config.depths:
         if not 0 <= depth <= 100:
             raise ConfigError(f"depth {depth} is outside 0–100")
+    prompt = NIAH_PROMPTS[resolve_prompt_style(tokenizer, config.prompt_style)]
     haystack = load_haystack(config.haystack)
     needle_file = load_needles(config.needles) if config.needles else None
     hay_ids = _HaystackTokens(tokenizer, haystack, max(config.lengths))
     if getattr(config, "num_needles", 1) > 1:  # RULER-style multi-needle grid (tasks/multineedle.py)
         from dynheads.tasks.multineedle import multi_needle_samples
 
-        yield from multi_needle_samples(tokenizer, config, hay_ids, needle_file)
+        yield from multi_needle_samples(tokenizer, config, hay_ids, needle_file, prompt)
         return
     for length in config.lengths:
         for depth in config.depths:
@@ -85,11 +90,11 @@ def niah_samples(tokenizer, config: NiahConfig, max_positions: int | None = None
                 else:
                     answer = str(uuid.UUID(int=rng.getrandbits(128), version=4))
                     needle = Needle(UUID_NEEDLE.format(answer=answer), UUID_QUESTION, answer)
-                yield build_sample(tokenizer, hay_ids, needle, length, depth, sid)
+                yield build_sample(tokenizer, hay_ids, needle, length, depth, sid, prompt)
 
 
 def build_sample(tokenizer, hay: "_HaystackTokens", needle: Needle, length: int, depth: float,
-                 sample_id: str) -> EncodedSample:
+                 sample_id: str, prompt: PromptFormat = NIAH_PROMPT) -> EncodedSample:
     """Cut the haystack so the whole prompt has `length` tokens and insert the needle at `depth`%."""
 
     def make(haystack: str) -> Sample:
@@ -99,11 +104,11 @@ def build_sample(tokenizer, hay: "_HaystackTokens", needle: Needle, length: int,
             id=sample_id, context=context, question=needle.question, answer=needle.answer,
             spans={"needle": [(needle_at, needle_at + len(needle.text))],
                    "answer": [(answer_at, answer_at + len(needle.answer))]},
-            prompt=NIAH_PROMPT,
+            prompt=prompt,
             metadata={"length": length, "depth": depth, "needle": needle.text},
         )
 
-    return fit_length(tokenizer, hay, length, _overhead(tokenizer, needle.text, needle.question), make)
+    return fit_length(tokenizer, hay, length, _overhead(tokenizer, needle.text, needle.question, prompt), make)
 
 
 def fit_length(tokenizer, hay: "_HaystackTokens", length: int, overhead: int,
@@ -233,9 +238,9 @@ class _HaystackTokens:
         return self.text[: self.offsets[n - 1][1]]
 
 
-def _overhead(tokenizer, needle_text: str, question: str) -> int:
+def _overhead(tokenizer, needle_text: str, question: str, prompt: PromptFormat = NIAH_PROMPT) -> int:
     """Tokens of the prompt without haystack: template, question and needle text."""
-    s = Sample("probe", needle_text, question, "", {}, NIAH_PROMPT)
+    s = Sample("probe", needle_text, question, "", {}, prompt)
     return encode(s, tokenizer).prompt_len
 
 

@@ -44,6 +44,7 @@ class TraceConfig:
     mass_spans: tuple[str, ...] = ("needle",)  # named spans whose attention mass is recorded
     row_spans: tuple[str, ...] = ()  # named spans whose per-position weights are recorded
     record_rows: bool = True  # reduce every head's newest attention row; False skips that O(context) work
+    stop_at_newline: bool = False  # completion prompts: the answer ends at its first line break (Wu et al.'s rule)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class Tracer:
         self.config = config
         self.stop_ids = set(end_of_turn_ids(lm.tokenizer, lm.model))
         self.device = input_device(lm.model)
+        self._breaks: dict[int, bool] = {}  # token id -> its text holds a line break (stop_at_newline)
 
     # --- prefill -----------------------------------------------------------------------
     def prefill(self, input_ids: list[int], spans: dict[str, list[tuple[int, int]]] | None = None,
@@ -174,7 +176,7 @@ class Tracer:
                     if mask.any():
                         state.cache.crop(-1)
                         view = run_step(t, mask, ablate_fn)
-                if view.token_id in self.stop_ids:
+                if view.token_id in self.stop_ids or self._ends_line(view.token_id, state.ids[start_ids:]):
                     stop_id = view.token_id
                     break
                 kept.append(view)
@@ -197,6 +199,18 @@ class Tracer:
         del state.ids[n_ids:]
 
     # --- internals ---------------------------------------------------------------------
+    def _ends_line(self, token_id: int, answer: list[int]) -> bool:
+        """With stop_at_newline: the token breaks the line after some non-blank answer text (it is not kept,
+        like an end-of-turn token; a line break before any text is part of the answer)."""
+        if not self.config.stop_at_newline:
+            return False
+        if token_id not in self._breaks:
+            self._breaks[token_id] = "\n" in self.lm.tokenizer.decode([token_id])
+        if not self._breaks[token_id]:
+            return False
+        before = self.lm.tokenizer.decode(answer) + self.lm.tokenizer.decode([token_id]).split("\n")[0]
+        return bool(before.strip())
+
     def _check_coverage(self, layers_seen: set[int]) -> None:
         """Refuse a model whose layers do not all compute attention through the traced function."""
         expected = set(range(self.lm.layout.n_layers))
