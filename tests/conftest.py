@@ -61,6 +61,14 @@ def default_lm():
 
 
 @pytest.fixture(scope="session")
+def gemma_lm():
+    """Gemma 3 270M base (installed by `make setup`; reassembled, checked and converted once)."""
+    from dynheads.models import load_model
+
+    return load_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     assert SHARED_DATA.is_dir(), f"shared data folder missing: {SHARED_DATA}"
     return SHARED_DATA

@@ -21,13 +21,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+def layout_dict(layout) -> dict[str, Any]:
+    """The run config's layout: layers and heads, plus the sliding-window layers of a model that has them."""
+    out = asdict(layout)
+    if not layout.sliding_layers:
+        out.pop("sliding_window"), out.pop("sliding_layers")
+    return out
+
+
 def run_config(kind: str, lm: LoadedModel, seed: int, **parts: Any) -> dict[str, Any]:
     """Config dict: kind, model (path, fingerprint, layout), seed, the given parts (`inputs`: resolved paths
     and content hashes of input files), versions, threads."""
     return {
         "kind": kind,
         "model": lm.describe(),
-        "layout": asdict(lm.layout),
+        "layout": layout_dict(lm.layout),
         "seed": seed,
         **{k: asdict(v) if is_dataclass(v) else v for k, v in parts.items()},
         "versions": versions(),

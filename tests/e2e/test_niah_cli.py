@@ -128,7 +128,7 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, niah_run):
     base = ["niah", "--lengths", "300", "--depths", "50", "--samples-per-cell", "1", "--out", tmp_path / "r"]
     if case == "unknown_model":
         proc = dynheads(*base, "--model", tmp_path / "nope")
-        assert_one_line_error(proc, "is not 'default'")
+        assert_one_line_error(proc, "is not a named model (default, gemma3-270m)")
     elif case == "corrupt_gguf":
         bad = tmp_path / "broken.gguf"
         bad.write_bytes(b"GGUF" + os.urandom(2000))

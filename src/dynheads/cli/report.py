@@ -53,9 +53,28 @@ def register(app: typer.Typer) -> None:
         _build_report(out)
 
     @app.command()
-    def report(out: Path = typer.Argument(..., help="a folder written by `dynheads reproduce`")):
-        """Rebuild report.html and report.md from the result files of a reproduction (no model needed)."""
-        _build_report(out)
+    def report(
+        runs: list[Path] = typer.Argument(..., help="a folder written by `dynheads reproduce`, or several to compare"),
+        out: Optional[Path] = typer.Option(None, help="with several folders: where the comparison's report.html "
+                                           "and report.md go"),
+    ):
+        """Rebuild report.html and report.md of a reproduction, or compare several models' reproductions side by
+        side (no model needed)."""
+        if len(runs) == 1 and out is None:
+            _build_report(runs[0])
+            return
+        from dynheads.errors import ConfigError
+
+        if len(runs) < 2 or out is None:
+            raise ConfigError("compare several reproductions: dynheads report RUN_A RUN_B … --out DIR")
+        from dynheads.report.compare import build_comparison
+
+        html, md, verdicts = build_comparison(runs, out)
+        for name, vs in verdicts.items():
+            for v in vs:
+                typer.echo(f"{name} — {v.claim}: {v.verdict} — {v.reason}")
+        typer.echo(str(md))
+        typer.echo(str(html))
 
     @app.command()
     def view(

@@ -55,7 +55,7 @@ class HybridResult:
     sliding_layers: list[int]
     global_layers: list[int]
     n_global_heads: int
-    bins: list[HybridBin]  # inside, straddling, beyond
+    bins: list[HybridBin]  # inside, straddling, beyond (those with steps)
     distance_bins: list[HybridBin]  # beyond, split by distance in multiples of the window
     sliding_beyond: int  # sliding-layer activations on a needle outside their window (must be 0)
 
@@ -137,8 +137,8 @@ def run(run_dir: RunDir, n_boot: int = 2000) -> HybridResult | None:
     beyond = classes == "beyond"
     result = HybridResult(
         window, list(layout.sliding_layers), list(layout.global_layers), len(layout.global_layers) * layout.n_heads,
-        hybrid_stats(active, records.sample_ids, records.step, layout, classes, ["inside", "straddling", "beyond"],
-                     n_boot=n_boot),
+        hybrid_stats(active, records.sample_ids, records.step, layout, classes,
+                     [n for n in ("inside", "straddling", "beyond") if (classes == n).any()], n_boot=n_boot),
         hybrid_stats(active, records.sample_ids, records.step, layout, distance,
                      [n for n in _distance_names() if (distance == n).any()], n_boot=n_boot),
         int((active[beyond] & sliding).sum()))

@@ -158,3 +158,30 @@ def test_sections_and_markdown_from_experiment_summaries(tmp_path):
                                                                                   list(secs.values()))
     assert "| Dynamic | 0.456 / 0.5586 |" in md and "sha256: " + "ab" * 32 in md
     assert page.count("<table>") == sum(len(s.tables) for s in secs.values()) + 2  # + verdicts, provenance
+
+
+def test_comparison_tables_put_models_side_by_side():
+    from dynheads.experiments.ablation import CONDITIONS, summarise
+    from dynheads.report.compare import comparison_tables
+
+    def data(model, dyn_acc):
+        acc = {"none": [1] * 8, "dynamic": dyn_acc, "static": [1, 0] * 4, "static_excluding_dynamic": [1] * 8,
+               "random": [1] * 8}
+        per = {c: {"accuracy": np.array(acc[c], float), "rouge_l": np.array(acc[c], float),
+                   "heads_masked_per_step": np.full(8, 1.0), "overlap_per_step": np.full(8, 0.5)} for c in CONDITIONS}
+        return {"state": {"config": {"model": model}, "steps": {}},
+                "niah": {"samples": [], "dynamism": None, "cca": None, "probes": {}, "table1_ci": None},
+                "ablation": {"result": {**summarise(per, np.random.default_rng(0), 200), "n_samples": 8}},
+                "rag": {"result": None}}
+
+    datas = [data("default", [0] * 8), data("gemma3-270m", [1] * 8)]
+    names = ["default", "gemma3-270m"]
+    verdicts = {n: vd.all_verdicts(d) for n, d in zip(names, datas)}
+    tables = comparison_tables(datas, names, verdicts)
+    claim2 = tables[1]
+    assert claim2.columns == ["statistic", "paper (llama3.1-8b)", "default", "gemma3-270m"]
+    rows = {r[0]: r for r in claim2.rows}
+    assert rows["accuracy, dynamic masked"][1:] == ["≈ 0", "0.00 [0.00, 0.00]", "1.00 [1.00, 1.00]"]
+    assert rows["verdict"][2].startswith(verdicts["default"][1].verdict)
+    assert rows["verdict"][3].startswith("not reproduced")  # masking D_t changed nothing on the second "model"
+    assert tables[0].rows == [["verdict", "–"] + [f"{v[0].verdict}: {v[0].reason}" for v in verdicts.values()]]
