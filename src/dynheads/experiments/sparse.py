@@ -26,7 +26,7 @@ from dynheads.errors import ConfigError
 from dynheads.experiments.stats import sample_rng
 from dynheads.experiments.head_policies import BUDGETLESS, build_policy, policies
 from dynheads.experiments.static_ranking import load_static_ranking, ranking_from_run
-from dynheads.experiments.stats import bootstrap_ci, paired_difference
+from dynheads.experiments.stats import ABOVE, ALPHA, BELOW, MIN_PAIRS, bootstrap_ci, paired_difference, paired_verdict
 from dynheads.models import LoadedModel
 from dynheads.runs import RunDir
 from dynheads.scores.base import get_score
@@ -161,24 +161,27 @@ def summarise(rows: list[dict], config: SparseConfig) -> dict:
             "verdict": verdict([t for t in tests if t["a"].startswith("predicted@")])}
 
 
-def verdict(tests: list[dict], alpha: float = 0.05) -> str:
+def verdict(tests: list[dict]) -> str:
     """The answer to 'does predicted beat static at equal budget, and from which budget on' (accuracy).
 
-    A budget counts as a win when the 95% bootstrap CI of the paired accuracy difference lies above 0 *and*
-    the Wilcoxon signed-rank p < alpha: the bootstrap alone calls a single lucky sample a win (its CI is
-    the one value), the test needs enough discordant pairs. Losses are the mirror image.
+    A budget is a win (a loss) when the paired accuracy difference is shown above (below) zero by the
+    rule every paired verdict uses (`stats.paired_verdict`: 95% bootstrap interval, Wilcoxon p < 0.05,
+    at least MIN_PAIRS samples): the interval alone calls a single lucky sample a win.
     """
     acc = sorted((t for t in tests if t["metric"] == "accuracy"), key=lambda t: t["budget"])
     if not acc:
         return "predicted vs static not compared (both policies are needed)"
-    won = lambda t: t["low"] > 0 and t["p_value"] < alpha  # noqa: E731
-    wins = [t["budget"] for t in acc if won(t)]
-    losses = [t["budget"] for t in acc if t["high"] < 0 and t["p_value"] < alpha]
-    rule = f"95% CI of the paired accuracy difference above 0 and Wilcoxon p < {alpha:g}"
+    calls = [paired_verdict(t) for t in acc]
+    if not all(c.comparable for c in calls):
+        return f"not comparable: {next(c for c in calls if not c.comparable).too_few('samples')}"
+    rule = (f"95% CI of the paired accuracy difference above 0, Wilcoxon p < {ALPHA:g} and at least "
+            f"{MIN_PAIRS} samples")
+    wins = [t["budget"] for t, c in zip(acc, calls) if c.outcome == ABOVE]
+    losses = [t["budget"] for t, c in zip(acc, calls) if c.outcome == BELOW]
     if not wins:
         return (f"predicted does not beat static at any budget (needs {rule})"
                 + (f"; static is better at k = {losses}" if losses else ""))
-    from_k = next((k for i, k in enumerate(t["budget"] for t in acc) if all(won(t) for t in acc[i:])), None)
+    from_k = next((t["budget"] for i, t in enumerate(acc) if all(c.outcome == ABOVE for c in calls[i:])), None)
     tail = f", at every budget from k = {from_k} on" if from_k is not None else ""
     return f"predicted beats static at k = {wins} ({rule}){tail}"
 

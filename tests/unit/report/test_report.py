@@ -42,11 +42,11 @@ def test_read_result_accepts_parameter_named_files(tmp_path):
     assert read_result(tmp_path, "probe_k0") is None
 
 
-def _ablation(dyn_high, excl_high, base=0.9):
-    iv = lambda e, lo, hi: {"estimate": e, "low": lo, "high": hi, "n": 30}  # noqa: E731
+def _ablation(dyn_high, excl_high, base=0.9, n=30, p=0.01):
+    iv = lambda e, lo, hi: {"estimate": e, "low": lo, "high": hi, "n": n}  # noqa: E731
     return {"conditions": {"none": {"accuracy": iv(base, base - 0.1, 1.0)}, "dynamic": {"accuracy": iv(0, 0, dyn_high)}},
             "comparisons": [{"a": "dynamic", "b": "static_excluding_dynamic", "metric": "accuracy",
-                             "mean_difference": -0.5, "low": -0.7, "high": excl_high, "p_value": 0.01}]}
+                             "mean_difference": -0.5, "low": -0.7, "high": excl_high, "p_value": p, "n": n}]}
 
 
 def test_claim2_verdict_rules():
@@ -56,6 +56,12 @@ def test_claim2_verdict_rules():
     data["ablation"]["result"] = _ablation(0.05, 0.02)
     v = vd.claim2(data)
     assert v.verdict == vd.NOT_REPRODUCED and "static_excluding_dynamic" in v.reason
+    data["ablation"]["result"] = _ablation(0.05, -0.3, p=0.06)  # interval below zero, but the test does not agree
+    v = vd.claim2(data)
+    assert v.verdict == vd.NOT_REPRODUCED and "p = 0.06" in v.reason
+    data["ablation"]["result"] = _ablation(0.05, -0.3, n=9)
+    v = vd.claim2(data)
+    assert (v.verdict, v.reason) == (vd.NOT_COMPARABLE, "n = 9 samples, fewer than the 10 a paired verdict needs")
     data["ablation"]["result"] = _ablation(0.05, -0.3, base=0.2)
     assert vd.claim2(data).verdict == vd.NOT_COMPARABLE
     data = {"state": {"steps": {"ablation": {"status": "skipped", "reason": "no samples"}}}, "ablation": {"result": None}}
@@ -63,11 +69,15 @@ def test_claim2_verdict_rules():
     assert v.verdict == vd.NOT_COMPARABLE and "no samples" in v.reason
 
 
+def _niah(n_samples, entropy=2.534):
+    return {"state": {"steps": {}},
+            "niah": {"samples": [{"accuracy": 1.0}] * n_samples,
+                     "table1_ci": {"jaccard_static": (0.2, 0.3), "adjacent_jaccard": (0.4, 0.5)},
+                     "dynamism": {"stats": {"static_heads": [0] * 20, "entropy": entropy, "ln_static_top": 2.996}}}}
+
+
 def test_claim1_failure_names_the_value_and_what_it_must_be():
-    data = {"state": {"steps": {}},
-            "niah": {"samples": [{"accuracy": 1.0}], "table1_ci": {"jaccard_static": (0.2, 0.3),
-                                                                  "adjacent_jaccard": (0.4, 0.5)},
-                     "dynamism": {"stats": {"static_heads": [0] * 20, "entropy": 2.534, "ln_static_top": 2.996}}}}
+    data = _niah(10)
     v = vd.claim1(data)
     assert v.verdict == vd.NOT_REPRODUCED and [ok for _, ok in v.checks] == [True, True, False]
     assert v.reason == ("check failed: entropy 2.534 (must be > ln 20 = 2.996: more heads share the work than the "
@@ -76,11 +86,57 @@ def test_claim1_failure_names_the_value_and_what_it_must_be():
     assert vd.claim1(data).verdict == vd.REPRODUCED
 
 
+def test_claims_1_and_3_need_a_minimum_of_samples():
+    """A 5-sample NIAH run passes every claim-1 check, but gives no verdict; claim 3 needs 100 samples."""
+    v = vd.claim1(_niah(5, entropy=3.1))
+    assert (v.verdict, v.reason) == (vd.NOT_COMPARABLE, "n = 5 NIAH samples, fewer than the 10 claim 1 needs")
+    assert vd.claim1(_niah(10, entropy=3.1)).verdict == vd.REPRODUCED
+    gap = {"gap": 0.1, "low": 0.05, "high": 0.15, "excludes_zero": True}
+    offsets = [{"k": k, "heldout_top1_ci": {"low": 0.9}, "null": {"top1": 0.5}, "margin_over_persistence": gap,
+                "margin_over_position": gap} for k in (0, 1)]
+    data = _niah(99)
+    data["niah"].update(cca={"offsets": offsets}, probes={0: {"gaps": {"position": gap}}})
+    v = vd.claim3(data)
+    assert (v.verdict, v.reason) == (vd.NOT_COMPARABLE, "n = 99 NIAH samples, fewer than the 100 claim 3 needs")
+    data["niah"]["samples"] = [{"accuracy": 1.0}] * 100
+    assert vd.claim3(data).verdict == vd.REPRODUCED
+
+
+def _rag(f1_dynamic, f1_static, em_full=0.5):
+    """A RAG result summarised from per-question F1s (dynamic, static, w/o RAG at 0, full context at em_full)."""
+    from dynheads.experiments.rag import summarize
+
+    q = lambda f1, em=0.0: {"em": em, "f1": f1, "n_retrievals": 1, "n_tokens": 5}  # noqa: E731
+    rows = [{"strategies": {"dynamic": q(d), "static": q(s), "none": q(0.0), "full": q(1.0, em_full)}}
+            for d, s in zip(f1_dynamic, f1_static)]
+    return {"state": {"steps": {}}, "rag": {"result": summarize(rows, ["dynamic", "static", "none", "full"],
+                                                                  np.random.default_rng(0), 500)}}
+
+
 def test_rag_verdict_not_comparable_when_full_context_fails():
     iv = lambda e: {"estimate": e, "low": e, "high": e}  # noqa: E731
     strat = {n: {"em": iv(em), "f1": iv(em)} for n, em in (("dynamic", 0.0), ("static", 0.0), ("full", 0.03))}
     v = vd.rag({"state": {"steps": {}}, "rag": {"result": {"strategies": strat, "vs_static": {}}}})
     assert v.verdict == vd.NOT_COMPARABLE and "EM 0.03 even with the full context" in v.reason
+
+
+def test_one_lucky_question_or_five_cannot_reproduce_dynamic_rag():
+    """n = 1: interval [+0.05, +0.05] and p = 1; n = 5 all positive: p = 0.0625. Neither is a verdict."""
+    one = _rag([0.55], [0.5])
+    assert one["rag"]["result"]["vs_static"]["dynamic"]["f1"] == {**one["rag"]["result"]["vs_static"]["dynamic"]["f1"],
+                                                                  "low": pytest.approx(0.05), "p_value": 1.0, "n": 1}
+    v = vd.rag(one)
+    assert (v.verdict, v.reason) == (vd.NOT_COMPARABLE, "n = 1 questions, fewer than the 10 a paired verdict needs")
+    five = _rag([0.6, 0.7, 0.55, 0.8, 0.9], [0.5] * 5)
+    assert five["rag"]["result"]["vs_static"]["dynamic"]["f1"]["p_value"] == pytest.approx(0.0625)
+    v = vd.rag(five)
+    assert (v.verdict, v.reason) == (vd.NOT_COMPARABLE, "n = 5 questions, fewer than the 10 a paired verdict needs")
+    ten = _rag([0.6, 0.7, 0.52, 0.8, 0.9, 0.55, 0.65, 0.75, 0.85, 0.95], [0.5] * 10)
+    v = vd.rag(ten)
+    assert v.verdict == vd.REPRODUCED and "Wilcoxon p = 0.00195, n = 10" in v.checks[0][0]
+    mixed = _rag([0.6, 0.4] * 5, [0.5] * 10)  # ten questions, no shift: not reproduced, reason quoted
+    v = vd.rag(mixed)
+    assert v.verdict == vd.NOT_REPRODUCED and v.reason.startswith("check failed: dynamic − static F1 +0.000")
 
 
 def test_reproduce_resumes_and_skips_finished_steps(tmp_path, monkeypatch):
@@ -151,8 +207,10 @@ def test_sections_and_markdown_from_experiment_summaries(tmp_path):
     assert secs["table4"].tables[0].rows[0][:2] == ["Dynamic", "0.456 / 0.5586"]
     assert secs["fig4"].notes == ["Not comparable — step 'cca' was skipped: too few samples."]
     v = {x.claim: x for x in vd.all_verdicts(data)}
-    assert v["Claim 2 (irreplaceability, Fig. 2)"].verdict == vd.REPRODUCED  # dynamic 0; both gaps below 0
-    assert v["Dynamic RAG (Table 4)"].verdict == vd.REPRODUCED  # F1 gaps +0.5 and +0.2 on both questions
+    # dynamic 0 and both gaps below 0, but on 4 samples; F1 gaps +0.5 and +0.2, but on 2 questions: no verdict
+    assert v["Claim 2 (irreplaceability, Fig. 2)"].reason == "n = 4 samples, fewer than the 10 a paired verdict needs"
+    assert v["Dynamic RAG (Table 4)"].reason == "n = 2 questions, fewer than the 10 a paired verdict needs"
+    assert v["Claim 2 (irreplaceability, Fig. 2)"].verdict == v["Dynamic RAG (Table 4)"].verdict == vd.NOT_COMPARABLE
     assert v["Claim 3 (correlation, Fig. 4, Table 2)"].verdict == vd.NOT_COMPARABLE
     md, page = render_md(data, list(v.values()), list(secs.values())), render_html(data, list(v.values()),
                                                                                   list(secs.values()))
