@@ -32,6 +32,30 @@ def test_pooled_stats_of_all_samples_equal_dynamism_stats(empty):
     assert twice["adjacent_jaccard"][0] == pytest.approx(dup.adjacent_jaccard, abs=1e-12)
 
 
+def test_table1_names_the_static_set_it_used_when_capped_below_20(tmp_path):
+    """Only 7 heads ever score: the column and the entropy say top-7, and a note says it was capped."""
+    from dataclasses import asdict
+
+    from dynheads.experiments.dynamism import activation_frequency, top_heads
+    from dynheads.report.sections import sections
+
+    rng = np.random.default_rng(1)
+    active = np.zeros((40, 3, 4), bool)
+    active.reshape(40, -1)[:, :7] = rng.random((40, 7)) < 0.5  # heads 0-6 of 12 are ever active
+    static = top_heads(activation_frequency(active), 20)
+    stats = dynamism_stats(active, np.repeat(np.arange(10), 4), static, DynamismConfig())
+    assert int(static.sum()) == 7 and stats.static_requested == 20
+    data = {"out": tmp_path, "config": None, "state": {"config": {"model": "default"}, "steps": {}},
+            "niah": {"samples": [{"accuracy": 1.0}] * 10, "dynamism": {"stats": asdict(stats)}, "cca": None,
+                     "probes": {}, "table1_ci": None, "figures": {"fig1": None, "fig4": None}},
+            "ablation": {"result": None, "figure": None}, "progressive": {"result": None, "figure": None},
+            "multihop": {"result": None, "regress": None, "figure": None}, "rag": {"result": None}}
+    claim1 = {s.id: s for s in sections(data)}["claim1"]
+    assert claim1.tables[0].columns[3:] == ["Jaccard w/ static top-7", "adj. Jaccard", "entropy (ln 7 = 1.9459)"]
+    assert claim1.notes[1] == ("note: only 7 heads have a positive static score, so the static set is capped at 7 "
+                               "(asked for top-20; idle heads are never added)")
+
+
 def test_read_result_accepts_parameter_named_files(tmp_path):
     (tmp_path / "results").mkdir()
     assert read_result(tmp_path, "cca") is None
