@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def report(out: Path = typer.Argument(..., help="a folder written by `dynheads reproduce`")):
         """Rebuild report.html and report.md from the result files of a reproduction (no model needed)."""
+        from dynheads.experiments.reproduce import read_state
+
+        read_state(out)  # a folder without a readable reproduce.json fails here, before the report's imports
         _build_report(out)
 
     @app.command()

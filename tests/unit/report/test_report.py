@@ -199,6 +199,42 @@ def test_reproduce_resumes_and_skips_finished_steps(tmp_path, monkeypatch):
         rep.reproduce("m", rep.Preset(), tmp_path, "smoke", load=load, only=("z",))
 
 
+def test_reproduce_refuses_bad_hotpotqa_slices_before_anything_runs(tmp_path, monkeypatch):
+    """Overlapping slices, a named file that is missing or too short: refused before the folder or any step."""
+    monkeypatch.setattr(rep, "steps", lambda p, out, model: pytest.fail("a step was built"))
+    data = tmp_path / "hotpot.json"
+    data.write_text(json.dumps([{"_id": str(i)} for i in range(60)]))
+    out = tmp_path / "out"
+    cases = [(rep.preset("smoke", hotpotqa=str(data), rag_records=(0, 40)),
+              "evaluation records 0-40 overlap the detection records 30-50.*--rag-questions can be at most 30"),
+             (rep.preset("smoke", hotpotqa=str(tmp_path / "nope.json")), "--hotpotqa .*nope.json does not exist"),
+             (rep.preset("paper", hotpotqa=str(data)), "has 60 records; records 50-100 \\(detection\\)"),
+             (rep.preset("smoke", hotpotqa=str(data), multihop_records=(30, 25)), "detection records 30-25 are empty")]
+    for p, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            rep.reproduce("m", p, out, "smoke", load=lambda m: pytest.fail("the model was loaded"))
+    data.write_text('{"not": "a list"}')
+    with pytest.raises(DataError, match="is not a JSON list of HotpotQA records"):
+        rep.reproduce("m", rep.preset("smoke", hotpotqa=str(data)), out)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a run folder"):
+        rep.reproduce("m", rep.Preset(), tmp_path / "file")
+    assert not out.exists()
+    # the default file (relative to the working directory) may be absent: its steps are skipped later, not refused
+    monkeypatch.chdir(tmp_path)
+    rep.check_hotpotqa(rep.Preset())
+
+
+def test_report_refuses_a_state_file_that_is_not_a_reproduction(tmp_path):
+    for text, message in (("nope", "is not JSON"), ("[1]", "is not a reproduction state"),
+                          ('{"config": {"sizes": {}}, "steps": []}', "is not a reproduction state")):
+        (tmp_path / rep.STATE).write_text(text)
+        with pytest.raises(DataError, match=message):
+            rep.read_state(tmp_path)
+        with pytest.raises(DataError, match=message):  # nor resumed into
+            rep.reproduce("m", rep.Preset(), tmp_path, load=lambda m: pytest.fail("the model was loaded"))
+
+
 def test_sections_and_markdown_from_experiment_summaries(tmp_path):
     from dynheads.experiments.ablation import CONDITIONS, summarise
     from dynheads.experiments.rag import summarize
