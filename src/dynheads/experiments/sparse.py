@@ -59,6 +59,11 @@ class SparseConfig:
             policies.get(name)
         if not self.policies or not self.budgets:
             raise ConfigError("--policies and --budgets must not be empty")
+        if min(self.budgets) < 1:
+            raise ConfigError(f"--budgets: a budget of {min(self.budgets)} opens no head (that is the 'streaming' "
+                              "policy); give budgets of at least 1")
+        if self.n_boot < 1:
+            raise ConfigError(f"--n-boot must be at least 1, got {self.n_boot}")
 
 
 def conditions(config: SparseConfig) -> list[tuple[str, str, int | None]]:
@@ -110,14 +115,15 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task: dict[str, An
 
     units = config.sparsity.units(lm.layout.n_heads, lm.layout.n_kv_heads)
     shape = (lm.layout.n_layers, units)
-    bad = [k for k in config.budgets if not 0 <= k <= lm.layout.n_layers * units]
+    bad = [k for k in config.budgets if not 1 <= k <= lm.layout.n_layers * units]
     if bad:
-        raise ConfigError(f"budget {bad[0]} is outside 0..{lm.layout.n_layers * units} ({config.sparsity.unit} heads)")
-    detection = RunDir.open(Path(config.detection).expanduser())
+        raise ConfigError(f"budget {bad[0]} is outside 1..{lm.layout.n_layers * units} ({config.sparsity.unit} heads)")
+    detection = RunDir.open(Path(config.detection).expanduser(), what="detection run")
     det_cfg = detection.config
     ids = {e.sample.id for e in samples}
     _check_disjoint(detection, task, ids)
-    ranking, source = ranking_from_run(detection, lm.layout, niah or NiahConfig(), ids if niah else set())
+    ranking, source = ranking_from_run(detection, lm.layout, niah or NiahConfig(), ids if niah else set(),
+                                       what="detection run")
     if config.static_ranking is not None:
         ranking, source = load_static_ranking(config.static_ranking, lm, niah or NiahConfig(), ids if niah else set(),
                                               niah or NiahConfig(), Path(out), trace, quiet)
