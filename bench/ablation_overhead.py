@@ -20,8 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import bench_arguments, median_times, niah_prompt, plain_exact  # noqa: E402
 
-from dynheads.interventions.selectors import build, make_intervention  # noqa: E402
+from dynheads.headsets.apply import intervention as make_intervention  # noqa: E402
+from dynheads.headsets.base import build  # noqa: E402
 from dynheads.models import load_model  # noqa: E402
+from dynheads.scores.base import get_score  # noqa: E402
 from dynheads.tracing.tracer import TraceConfig, Tracer  # noqa: E402
 
 
@@ -35,10 +37,10 @@ def main() -> None:
     pad_id = min(tracer.stop_ids)
     tracer.stop_ids = set()  # both sides run exactly --new-tokens steps
     masked_steps: list[float] = []
-    fixed = build("static", ranking=np.arange(lm.layout.n_total, dtype=float).reshape(lm.layout.shape), n=5)
+    fixed = build("static", ranking=np.arange(lm.layout.n_total, dtype=float).reshape(lm.layout.shape), k=5)
 
     def ablate(enc, select):
-        intervention = make_intervention(select, enc.token_spans, enc.input_ids)
+        intervention = make_intervention(select, enc, lm.layout, get_score("copy_paste").with_args(span="needle"))
         trace = tracer.generate(tracer.prefill(enc.input_ids, enc.token_spans), intervention=intervention,
                                 ablation=args.method, fork=False)
         if select is not fixed:

@@ -7,7 +7,7 @@ Public Python API (the CLI is a thin layer over these):
   NiahConfig, niah_samples            the NIAH task; run_niah(lm, cfg, out) traces a sweep into a run folder
   RunDir, load_records                run folders and their per-step records
   Sparsity                            head-sparse decoding: Tracer.generate(state, heads=policy, sparsity=...)
-  dynamism                            Table 1 statistics (experiments.dynamism)
+  dynamism                            Table 1 statistics (analyses.dynamism)
 
 Names are imported on first use (PEP 562), so `import dynheads` and the CLI's --help, `list` and
 bad-input errors do not pay for importing torch and transformers.
@@ -19,8 +19,8 @@ import importlib
 from dynheads.errors import ConfigError, DataError, DynheadsError, ModelError
 
 _LAZY = {
-    "dynamism": "dynheads.experiments.dynamism",
-    "run_niah": "dynheads.experiments.trace",
+    "dynamism": "dynheads.analyses.dynamism",
+    "run_niah": "dynheads.runners.trace",
     "HeadLayout": "dynheads.heads",
     "LoadedModel": "dynheads.models",
     "load_model": "dynheads.models",

@@ -53,24 +53,36 @@ def niah_config(lengths, depths, samples_per_cell: int = 2, haystack: str | None
 
 def run_niah(lm, out, *, lengths=(1000, 2000, 4000), depths=(0, 25, 50, 75, 100), samples_per_cell: int = 2,
              haystack: str | None = None, needles: str | None = None, num_needles: int = 1, mode: str | None = None,
-             max_new_tokens: int = 48, topk: int = 1, seed: int = 0, prompt_style: str = "auto", quiet: bool = False,
-             runner=None):
-    """Trace a NIAH grid (the `niah` command)."""
-    from dynheads.experiments.trace import run_niah as trace_niah
+             max_new_tokens: int = 48, topk: int = 1, seed: int = 0, prompt_style: str = "auto",
+             score: str | None = None, quiet: bool = False, runner=None):
+    """Trace a NIAH grid (the `niah` command); `score`: a registered head score (default: the task's, Eq. 1)."""
+    from dynheads.runners.trace import run_niah as trace_niah
     from dynheads.tracing.tracer import TraceConfig
 
     cfg = niah_config(lengths, depths, samples_per_cell, haystack, needles, seed, num_needles, mode, prompt_style)
-    return trace_niah(lm, cfg, out, TraceConfig(max_new_tokens=max_new_tokens, topk=topk), quiet, runner or _runner())
+    return trace_niah(lm, cfg, out, TraceConfig(max_new_tokens=max_new_tokens, topk=topk), quiet, runner or _runner(),
+                      score)
 
 
 def check_niah(lengths=(1000,), depths=(0,), samples_per_cell: int = 2, haystack: str | None = None,
                needles: str | None = None, out=None, num_needles: int = 1, mode: str | None = None,
-               prompt_style: str = "auto", **_):
-    """The NIAH grid, its input files and --out (the lengths against the model are checked with the samples)."""
-    from dynheads.cli.trace import check_niah as check_grid
+               prompt_style: str = "auto", score: str | None = None, **_):
+    """The NIAH grid, its input files, the score and --out (the lengths against the model are checked with the samples)."""
+    check_task("niah", niah_config(lengths, depths, samples_per_cell, haystack, needles, 0, num_needles, mode,
+                                   prompt_style), out, score)
 
-    check_grid(niah_config(lengths, depths, samples_per_cell, haystack, needles, 0, num_needles, mode, prompt_style),
-               out)
+
+def check_task(name: str, config, out=None, score: str | None = None) -> None:
+    """A registered task's model-free checks of its config, the head score's name, and --out."""
+    from dynheads.runs import check_out
+    from dynheads.scores.base import get_score
+    from dynheads.tasks.base import get_task
+
+    get_task(name).check(config)
+    if score is not None:
+        get_score(score)
+    if out is not None:
+        check_out(out)
 
 
 commands.register("niah")(Command(check_niah, run_niah))
@@ -80,26 +92,25 @@ commands.register("niah")(Command(check_niah, run_niah))
 def run_ablate(lm, out, *, lengths=(1000, 2000, 4000), depths=(0, 25, 50, 75, 100), samples_per_cell: int = 3,
                static_ranking: str | None = None, method: str = "zero", match: str = "average",
                match_scope: str = "run", random_per_step: bool = False, haystack: str | None = None, max_new_tokens: int = 48,
-               n_boot: int = 2000, seed: int = 0, prompt_style: str = "auto", quiet: bool = False, runner=None):
-    """Per-step ablation grid (the `ablate` command); returns (run, result)."""
-    from dynheads.experiments import ablation as abl
+               n_boot: int = 2000, seed: int = 0, prompt_style: str = "auto", score: str | None = None,
+               quiet: bool = False, runner=None):
+    """Per-step ablation grid (the `ablate` command); returns (run, result). `score` defines D_t (default Eq. 1)."""
+    from dynheads.runners import ablation as abl
     from dynheads.tracing.tracer import TraceConfig
 
     niah = niah_config(lengths, depths, samples_per_cell, haystack, None, seed, prompt_style=prompt_style)
     config = abl.AblationConfig(method=method, match=match, match_scope=match_scope, random_per_step=random_per_step,
                                 static_ranking=static_ranking, n_boot=n_boot, seed=seed)
     return abl.run_ablation(lm, niah, out, config, TraceConfig(max_new_tokens=max_new_tokens), quiet,
-                            runner or _runner())
+                            runner or _runner(), score)
 
 
 def check_ablate(lengths=(1000,), depths=(0,), samples_per_cell: int = 3, method: str = "zero",
                  match: str = "average", haystack: str | None = None, static_ranking: str | None = None,
-                 out=None, match_scope: str = "run", prompt_style: str = "auto", **_):
-    from dynheads.cli.ablation import _check_ranking
-
-    check_niah(lengths, depths, samples_per_cell, haystack, None, out, prompt_style=prompt_style)
-    _check_ranking(static_ranking)
-    from dynheads.experiments.ablation import AblationConfig  # imports torch: after the cheap checks
+                 out=None, match_scope: str = "run", prompt_style: str = "auto", score: str | None = None, **_):
+    check_niah(lengths, depths, samples_per_cell, haystack, None, out, prompt_style=prompt_style, score=score)
+    check_ranking(static_ranking)
+    from dynheads.runners.ablation import AblationConfig  # imports torch: after the cheap checks
 
     AblationConfig(method=method, match=match, match_scope=match_scope)
 
@@ -111,31 +122,29 @@ def run_ablate_progressive(lm, out, *, length: int = 2000, ks=(0, 5, 10, 15, 20,
                                                                 65, 70),
                            samples: int = 20, static_ranking: str | None = None, static_top: int = 20,
                            method: str = "zero", haystack: str | None = None, max_new_tokens: int = 48,
-                           n_boot: int = 2000, seed: int = 0, prompt_style: str = "auto", quiet: bool = False,
-                           runner=None):
-    """Progressive ablation (the `ablate-progressive` command); returns (run, result)."""
-    from dynheads.experiments import progressive as prog
-    from dynheads.experiments.ablation import AblationConfig
+                           n_boot: int = 2000, seed: int = 0, prompt_style: str = "auto", score: str | None = None,
+                           quiet: bool = False, runner=None):
+    """Progressive ablation (the `ablate-progressive` command); returns (run, result). `score` defines D_t."""
+    from dynheads.runners import progressive as prog
+    from dynheads.runners.ablation import AblationConfig
     from dynheads.tracing.tracer import TraceConfig
 
     niah = prog.progressive_niah(length, samples, seed, haystack, prompt_style)
     config = AblationConfig(method=method, static_ranking=static_ranking, static_top=static_top,
                             n_boot=n_boot, seed=seed)
     return prog.run_progressive(lm, niah, _ints(ks, "ks"), out, config, TraceConfig(max_new_tokens=max_new_tokens),
-                                quiet, runner or _runner())
+                                quiet, runner or _runner(), score)
 
 
 def check_ablate_progressive(length: int = 2000, ks=(0,), samples: int = 20, method: str = "zero",
                              haystack: str | None = None, static_ranking: str | None = None, out=None,
-                             prompt_style: str = "auto", **_):
-    from dynheads.cli.ablation import _check_ranking
-
+                             prompt_style: str = "auto", score: str | None = None, **_):
     k_values = _ints(ks, "ks")
     if min(k_values) < 0:  # k above the head count fails once the model is known
         raise ConfigError(f"k = {min(k_values)} must not be negative")
-    check_niah((length,), (0.0,), samples, haystack, None, out, prompt_style=prompt_style)
-    _check_ranking(static_ranking)
-    from dynheads.experiments.ablation import AblationConfig  # imports torch: after the cheap checks
+    check_niah((length,), (0.0,), samples, haystack, None, out, prompt_style=prompt_style, score=score)
+    check_ranking(static_ranking)
+    from dynheads.runners.ablation import AblationConfig  # imports torch: after the cheap checks
 
     AblationConfig(method=method)
 
@@ -145,22 +154,23 @@ commands.register("ablate-progressive")(Command(check_ablate_progressive, run_ab
 
 # --- multi-hop QA and Dynamic RAG ------------------------------------------------------------
 def run_multihop(lm, out, *, data: str, limit: int | None = 100, format: str = "auto", prompt: str = "short",
-                 max_new_tokens: int = 32, prompt_style: str = "auto", quiet: bool = False, runner=None):
-    """Trace multi-hop QA with the Eq. 2 score (the `multihop` command)."""
-    from dynheads.experiments.trace import run_multihop as trace_multihop
+                 max_new_tokens: int = 32, prompt_style: str = "auto", score: str | None = None, quiet: bool = False,
+                 runner=None):
+    """Trace multi-hop QA (the `multihop` command); `score`: a registered head score (default: the task's, Eq. 2)."""
+    from dynheads.runners.trace import run_multihop as trace_multihop
     from dynheads.tracing.tracer import TraceConfig
 
     return trace_multihop(lm, data, limit, out, TraceConfig(max_new_tokens=max_new_tokens), format, quiet, prompt,
-                          runner or _runner(), prompt_style)
+                          runner or _runner(), prompt_style, score)
 
 
 def check_multihop(data: str | None = None, limit: int | None = 100, format: str = "auto", prompt: str = "short",
-                   prompt_style: str = "auto", **_):
-    from dynheads.tasks.multihop import MultihopConfig, load_questions  # torch-free: errors come at once
+                   prompt_style: str = "auto", score: str | None = None, out=None, **_):
+    from dynheads.tasks.multihop import MultihopConfig  # torch-free: errors come at once
 
     if data is None:
         raise ConfigError("multihop needs 'data' (a multi-hop QA file)")
-    load_questions(MultihopConfig(str(data), limit, format, prompt, prompt_style))
+    check_task("multihop", MultihopConfig(str(data), limit, format, prompt, prompt_style), out, score)
 
 
 commands.register("multihop")(Command(check_multihop, run_multihop))
@@ -171,7 +181,7 @@ def rag_settings(data, limit=100, heads=("dynamic", "static", "dynamic-random", 
                  max_sentence_tokens=40, rind_threshold=1.2, top_k=10, window=64, n_heads=5, seed=0,
                  prompt_style="auto", **_):
     """The Dynamic RAG settings of the `rag` command's flags."""
-    from dynheads.experiments import rag as rag_exp
+    from dynheads.runners import rag as rag_exp
     from dynheads.rag.loop import RagConfig
     from dynheads.rag.retrievers import HeadWindowRetriever
     from dynheads.rag.trigger import RindTrigger
@@ -190,7 +200,7 @@ def run_rag(lm, out, *, data: str, limit: int | None = 100,
             rind_threshold: float = 1.2, top_k: int = 10, window: int = 64, n_heads: int = 5, seed: int = 0,
             prompt_style: str = "auto", quiet: bool = False, runner=None, inputs=None):
     """Dynamic RAG over head strategies (the `rag` command); `inputs`: check_rag's result when already made."""
-    from dynheads.experiments import rag as rag_exp
+    from dynheads.runners import rag as rag_exp
 
     settings = rag_settings(data, limit, heads, retrieval, corpus, format, prompt, max_new_tokens,
                             max_sentence_tokens, rind_threshold, top_k, window, n_heads, seed, prompt_style)
@@ -205,7 +215,7 @@ def check_rag(data: str | None = None, **params):
 
     known = {k: params[k] for k in ("limit", "format", "prompt", "prompt_style") if k in params}
     loaded = load_questions(_rag_questions(data, **known))
-    from dynheads.experiments import rag as rag_exp
+    from dynheads.runners import rag as rag_exp
 
     return rag_exp.check_inputs(rag_settings(data, **params), loaded)
 
@@ -220,14 +230,31 @@ def _rag_questions(data, limit=100, format="auto", prompt="cot", prompt_style="a
 commands.register("rag")(Command(check_rag, run_rag))
 
 
+def check_ranking(path) -> None:
+    """A given static ranking must exist (whether it fits the model is checked once the model is loaded)."""
+    from pathlib import Path
+
+    if path is not None and not Path(path).expanduser().exists():
+        raise ConfigError(f"static ranking {path} does not exist (give a head_score JSON or a traced run folder)")
+
+
 # --- flag values from the CLI (comma-separated text) or a SPEC (TOML lists) ----------------------
+def parse_list(text: str, name: str, cast=int) -> tuple:
+    """Comma-separated values of one type for flag --name; a one-line ConfigError otherwise."""
+    try:
+        values = tuple(cast(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--{name} expects comma-separated {cast.__name__} values, got '{text}'") from None
+    if not values:
+        raise ConfigError(f"--{name} is empty")
+    return values
+
+
 def _strings(value) -> tuple[str, ...]:
     return tuple(value.split(",")) if isinstance(value, str) else tuple(str(v) for v in value)
 
 
 def _values(value, name: str, cast) -> tuple:
-    from dynheads.cli.trace import parse_list
-
     if isinstance(value, str):
         return parse_list(value, name, cast)
     try:

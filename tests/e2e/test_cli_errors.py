@@ -163,7 +163,7 @@ def test_bad_input_fails_fast_with_one_error_line(name, args, fragment, inputs, 
 
 
 @pytest.mark.parametrize("args", [["--help"], ["niah", "--help"]] + [["list", w] for w in (
-    "tasks", "scores", "ablations", "selectors", "triggers", "retrievers")])
+    "tasks", "scores", "heads", "ablations", "selectors", "strategies", "policies", "triggers", "retrievers")])
 def test_help_and_list_answer_without_torch(args):
     proc, heavy = cli(*args)
     assert proc.returncode == 0 and proc.stdout.strip() and not proc.stderr.strip(), proc.stderr
@@ -173,7 +173,7 @@ def test_help_and_list_answer_without_torch(args):
 def test_python_api_imports_lazily():
     code = ("import sys, dynheads; assert 'torch' not in sys.modules; f = dynheads.load_model; "
             "assert 'torch' in sys.modules and f.__name__ == 'load_model'; "
-            "assert dynheads.dynamism.__name__ == 'dynheads.experiments.dynamism'; "
+            "assert dynheads.dynamism.__name__ == 'dynheads.analyses.dynamism'; "
             "print(all(hasattr(dynheads, n) for n in dynheads.__all__))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr

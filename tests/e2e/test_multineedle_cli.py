@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from dynheads.experiments.needles import needle_index
+from dynheads.analyses.needles import needle_index
 from dynheads.records import load_records
 from e2e.helpers import assert_one_line_error, dynheads
 

@@ -122,6 +122,24 @@ def test_tracer_on_default_model_matches_generate_and_eager(default_lm):
     np.testing.assert_array_equal(trace.arrays()["top1_pos"], ref.numpy())
 
 
+def test_score_flag_traces_with_another_registered_score(tmp_path):
+    """--score reasoning on NIAH: the run stores the score and its span, and its records hold Eq. 2 on the needle."""
+    from dynheads.records import load_records
+    from dynheads.scores.reasoning import reasoning_score
+
+    out = tmp_path / "eq2"
+    proc = dynheads("niah", "--model", "default", "--lengths", "300", "--depths", "50", "--samples-per-cell", "1",
+                    "--max-new-tokens", "8", "--score", "reasoning", "--threads", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["score"] == {"name": "reasoning", "args": {"span": "needle"}}
+    rec = load_records(out)
+    score = rec.array("score")
+    np.testing.assert_array_equal(score, reasoning_score(rec.array("mass_needle"), rec.array("context_mass")))
+    assert score.max() > 0.1 and len(set(score.reshape(-1).tolist())) > 2  # continuous, not Eq. 1's 0/1
+    assert_one_line_error(dynheads("niah", "--score", "nosuch", "--out", tmp_path / "r"),
+                          "unknown head score 'nosuch'; choose one of: copy_paste, reasoning")
+
+
 @pytest.mark.parametrize("case", ["unknown_model", "corrupt_gguf", "empty_haystack", "too_long", "bad_needles",
                                   "changed_config"])
 def test_bad_input_is_a_one_line_error(case, tmp_path, niah_run):

@@ -12,9 +12,9 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
+from dynheads.analyses.cca import CcaConfig
 from dynheads.errors import ConfigError, DataError
-from dynheads.experiments.cca import CcaConfig
-from dynheads.experiments.trace import niah_inputs
+from dynheads.runners.trace import niah_inputs
 from dynheads.runs import RunDir, check_out, check_out_file, result_name
 from dynheads.tasks.niah import NiahConfig
 

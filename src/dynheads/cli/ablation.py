@@ -8,6 +8,9 @@ import typer
 
 from dynheads.cli.trace import DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER, PROMPT_STYLE, load_placed
 
+SCORE = typer.Option(None, help="head score that defines D_t, the step's dynamic heads (`dynheads list scores`; "
+                     "default: copy_paste, Eq. 1 on the needle)")
+
 _RANKING = "head_score JSON (e.g. results/head_scores.json of `dynheads dynamism`) or a traced run folder " \
            "from OTHER samples; default: a detection pass with seed + 1 in <out>/detection"
 
@@ -32,6 +35,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48, min=1),
         n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),
+        score: Optional[str] = SCORE,
         prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
@@ -45,14 +49,14 @@ def register(app: typer.Typer) -> None:
         from dynheads.commands import check_ablate, run_ablate
 
         check_ablate(lengths, depths, samples_per_cell, method, match, haystack, static_ranking, out,
-                     prompt_style=prompt_style)  # before the model
+                     prompt_style=prompt_style, score=score)  # before the model
         from dynheads.report.ablation_figures import ablation_table
 
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
         run, result = run_ablate(lm, out, lengths=lengths, depths=depths, samples_per_cell=samples_per_cell,
                                  static_ranking=static_ranking, method=method, match=match, match_scope=match_scope,
                                  random_per_step=random_per_step, haystack=haystack, max_new_tokens=max_new_tokens,
-                                 n_boot=n_boot, seed=seed, prompt_style=prompt_style, quiet=quiet)
+                                 n_boot=n_boot, seed=seed, prompt_style=prompt_style, score=score, quiet=quiet)
         typer.echo(ablation_table(result))
         typer.echo(f"figure: {run.figure_path('ablation_heatmaps')}")
         typer.echo(str(run.path))
@@ -70,6 +74,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48, min=1),
         n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),
+        score: Optional[str] = SCORE,
         prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
@@ -83,22 +88,14 @@ def register(app: typer.Typer) -> None:
         from dynheads.commands import check_ablate_progressive, run_ablate_progressive
 
         check_ablate_progressive(length, ks, samples, method, haystack, static_ranking, out,
-                                 prompt_style=prompt_style)  # before the model
+                                 prompt_style=prompt_style, score=score)  # before the model
         from dynheads.report.ablation_figures import progressive_table
 
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
         run, result = run_ablate_progressive(lm, out, length=length, ks=ks, samples=samples,
                                              static_ranking=static_ranking, static_top=static_top, method=method,
                                              haystack=haystack, max_new_tokens=max_new_tokens, n_boot=n_boot,
-                                             seed=seed, prompt_style=prompt_style, quiet=quiet)
+                                             seed=seed, prompt_style=prompt_style, score=score, quiet=quiet)
         typer.echo(progressive_table(result))
         typer.echo(f"figure: {run.figure_path('ablation_progressive')}")
         typer.echo(str(run.path))
-
-
-def _check_ranking(path) -> None:
-    """A given static ranking must exist (whether it fits the model is checked once the model is loaded)."""
-    from dynheads.errors import ConfigError
-
-    if path is not None and not Path(path).expanduser().exists():
-        raise ConfigError(f"static ranking {path} does not exist (give a head_score JSON or a traced run folder)")

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         train_fraction: float = typer.Option(0.7, help="fraction of samples that fit the held-out CCA"),
     ):
         """Fig. 4: canonical correlation of the hidden state at n with all heads' scores at n + k."""
-        from dynheads.experiments import cca as cca_exp
+        from dynheads.analyses import cca as cca_exp
         from dynheads.runs import RunDir
 
         run = RunDir.open(run_dir)
@@ -40,8 +40,8 @@ def register(app: typer.Typer) -> None:
         on a 0/1 score; Eq. 2: 0.1). Baselines: linear probe (ridge for --regress), shuffled labels,
         frequency prior, position, copy step (knows when the model copies, not which heads), last set.
         """
-        from dynheads.experiments import probe_table
-        from dynheads.experiments.probes import ProbeConfig
+        from dynheads.analyses import probe_table
+        from dynheads.analyses.probes import ProbeConfig
         from dynheads.runs import RunDir
 
         run = RunDir.open(run_dir)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dynheads.cli.trace import DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER, PROMPT_STYLE, load_placed
+from dynheads.cli.trace import DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER, PROMPT_STYLE, SCORE, load_placed
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         format: str = typer.Option("auto", help="file layout: auto, hotpotqa, hotpotqa_hf, 2wiki, ircot, musique"),
         prompt: str = typer.Option("short", help="'short' (answer only) or 'cot' (reasoning, as in Dynamic RAG)"),
         max_new_tokens: int = typer.Option(32, min=1),
+        score: Optional[str] = SCORE,
         prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
@@ -30,15 +31,13 @@ def register(app: typer.Typer) -> None:
     ):
         """Trace multi-hop QA: per-step Eq. 2 reasoning retrieval scores on the supporting facts, EM/F1."""
         from dynheads.commands import check_multihop, run_multihop
-        from dynheads.runs import check_out
 
-        check_multihop(data, limit, format, prompt, prompt_style)  # bad input fails before the model loads
-        check_out(out)
+        check_multihop(data, limit, format, prompt, prompt_style, score, out)  # bad input fails before the model loads
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
-        from dynheads.experiments.trace import format_fig6_table  # torch: only once the input is checked
+        from dynheads.runners.trace import format_fig6_table  # torch: only once the input is checked
 
         run = run_multihop(lm, out, data=data, limit=limit, format=format, prompt=prompt,
-                           max_new_tokens=max_new_tokens, prompt_style=prompt_style, quiet=quiet)
+                           max_new_tokens=max_new_tokens, prompt_style=prompt_style, score=score, quiet=quiet)
         summary = run.read_result("multihop")
         rep = summary["load_report"]
         typer.echo(f"{summary['n_samples']} samples: EM {summary['em']:.3f}, F1 {summary['f1']:.3f} "
@@ -56,7 +55,7 @@ def register(app: typer.Typer) -> None:
                                   help="comma-separated strategies: dynamic, static, dynamic-random, fixed-random, "
                                        "none, full (several share each question's prefill)"),
         static_ranking: Optional[str] = typer.Option(None, help="head_scores JSON or a multihop run folder (other questions)"),
-        regressor: Optional[str] = typer.Option(None, help="saved probe .pt (with its .pt.json; experiments.probes.Probe) "
+        regressor: Optional[str] = typer.Option(None, help="saved probe .pt (with its .pt.json; analyses.probes.Probe) "
                                                 "or a multihop run folder to train the regressor on"),
         retrieval: str = typer.Option("in-context", help="'in-context' (attention masks, paper) or 'corpus' (BM25)"),
         corpus: Optional[str] = typer.Option(None, help="JSONL corpus {id, title, text} for --retrieval corpus"),
@@ -95,7 +94,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"corpus {corpus}: {n_docs} documents indexed")
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
         run = run_rag(lm, out, quiet=quiet, inputs=inputs, **params)
-        from dynheads.experiments import rag as rag_exp
+        from dynheads.runners import rag as rag_exp
 
         typer.echo(rag_exp.format_rag_table(run.read_result("rag"), Path(run.config["model"]["source"]).name))
         typer.echo(str(run.path))

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
                                            "probe_regress_k0, rag); the others stay pending"),
     ):
         """Run every experiment of the paper into OUT (resumable), then write report.html and report.md."""
-        from dynheads.experiments import reproduce as rep
+        from dynheads.runners import reproduce as rep
         from dynheads.tasks.base import check_prompt_style
 
         check_prompt_style(prompt_style)
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         """Rebuild report.html and report.md of a reproduction, or compare several models' reproductions side by
         side (no model needed)."""
         from dynheads.errors import ConfigError
-        from dynheads.experiments.reproduce import read_state
+        from dynheads.runners.reproduce import read_state
 
         for run in runs:
             read_state(run)  # a folder without a readable reproduce.json fails here, before the report's imports

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dynheads.cli.trace import PROMPT_STYLE, check_niah, parse_floats, parse_ints, parse_list
+from dynheads.cli.trace import PROMPT_STYLE, parse_ints, parse_list
 
 
 def register(app: typer.Typer) -> None:
@@ -43,12 +43,13 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False),
     ):
         """Head-sparse decoding: accuracy and KV read of each head policy at equal budget (predicted vs static)."""
+        from dynheads.commands import check_task, niah_config
         from dynheads.errors import ConfigError
         from dynheads.runs import RunDir
+        from dynheads.tasks.base import check_prompt_style, get_task
+        from dynheads.tasks.multihop import MultihopConfig
 
         # every value that needs no model, before torch is imported and before the run folder exists
-        from dynheads.tasks.base import check_prompt_style
-
         check_prompt_style(prompt_style)
         budget_values = parse_ints(budgets, "budgets")
         if min(budget_values) < 1:
@@ -58,58 +59,27 @@ def register(app: typer.Typer) -> None:
         if "score" not in det.config or not det.done_samples():
             raise ConfigError(f"detection run {detection} is not a traced run with finished samples (give a folder "
                               "of `dynheads niah` or `dynheads multihop` on other samples)")
-        if data is None:
-            from dynheads.tasks.multineedle import niah_config
-
-            niah = niah_config(num_needles, mode, lengths=parse_ints(lengths, "lengths"),
-                               depths=parse_floats(depths, "depths"), samples_per_cell=samples_per_cell,
-                               haystack=haystack, needles=needles, seed=seed, prompt_style=prompt_style)
-            check_niah(niah, out)
-        else:
-            from dynheads.runs import check_out
-            from dynheads.tasks.multihop import MultihopConfig, load_questions
-
-            task = MultihopConfig(str(data), limit, prompt_style=prompt_style)
-            load_questions(task)  # bad input fails before the model loads
-            check_out(out)
-        from dynheads.experiments.sparse import SparseConfig
+        task = get_task("niah" if data is None else "multihop")  # --data names a multi-hop file
+        task_config = (niah_config(lengths, depths, samples_per_cell, haystack, needles, seed, num_needles, mode,
+                                   prompt_style) if data is None
+                       else MultihopConfig(str(data), limit, prompt_style=prompt_style))
+        check_task(task.name, task_config, out)
+        from dynheads.runners.sparse import SparseConfig
         from dynheads.tracing.sparse import Sparsity
 
         config = SparseConfig(str(detection), parse_list(policies, "policies", str), budget_values,
                               Sparsity(sink, recent, unit), static_ranking, n_boot, seed)
-        from dynheads.experiments.sparse import run_sparse
         from dynheads.models import load_model
         from dynheads.report.sparse_figures import sparse_table
-        from dynheads.tasks.base import encode
+        from dynheads.runners.sparse import run_sparse
+        from dynheads.runners.trace import with_prompt_style
         from dynheads.tracing.tracer import TraceConfig
 
-        from dynheads.experiments.trace import with_prompt_style
-
-        trace = TraceConfig(max_new_tokens=max_new_tokens)
-        if data is None:
-            from dynheads.experiments.trace import niah_inputs
-            from dynheads.tasks.niah import niah_samples, score_response
-
-            niah = niah_inputs(niah)[0]  # resolved paths, as the detection run stores them
-            lm = load_model(model, dtype=dtype, device=device)
-            niah, trace = with_prompt_style(lm, niah, trace)
-            samples = list(niah_samples(lm.tokenizer, niah, lm.max_positions))
-            run, result = run_sparse(lm, samples, _asdict(niah), config, out, score_response,
-                                     niah, trace, quiet)
-        else:
-            from dynheads.experiments.trace import score_answer
-
-            lm = load_model(model, dtype=dtype, device=device)
-            task, trace = with_prompt_style(lm, task, trace)
-            samples = [encode(s, lm.tokenizer) for s in load_questions(task)]
-            run, result = run_sparse(lm, samples, _asdict(task), config, out, score_answer,
-                                     None, trace, quiet)
+        task_config = task.inputs(task_config)[0]  # resolved paths, as the detection run stores them
+        lm = load_model(model, dtype=dtype, device=device)
+        task_config, trace = with_prompt_style(lm, task_config, TraceConfig(max_new_tokens=max_new_tokens))
+        samples = list(task.samples(lm.tokenizer, task_config, lm.max_positions))
+        run, result = run_sparse(lm, samples, task_config, config, out, task.metric, trace, quiet)
         typer.echo(sparse_table(result))
         typer.echo(f"figure: {run.figure_path('sparse_accuracy_vs_kv')}")
         typer.echo(str(run.path))
-
-
-def _asdict(obj) -> dict:
-    from dataclasses import asdict
-
-    return asdict(obj)

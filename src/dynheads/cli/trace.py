@@ -6,18 +6,8 @@ from typing import Optional
 
 import typer
 
+from dynheads.commands import parse_list
 from dynheads.errors import ConfigError
-
-
-def parse_list(text: str, name: str, cast=int) -> tuple:
-    """Comma-separated values of one type for flag --name; a one-line ConfigError otherwise."""
-    try:
-        values = tuple(cast(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"--{name} expects comma-separated {cast.__name__} values, got '{text}'") from None
-    if not values:
-        raise ConfigError(f"--{name} is empty")
-    return values
 
 
 def parse_ints(text: str, name: str) -> tuple[int, ...]:
@@ -33,6 +23,8 @@ DEVICE_MAP = typer.Option(None, help="spread the model over devices: auto | bala
                           "| a JSON object (or .json file) of module name -> device (GPU index, 'cpu', 'disk')")
 MAX_MEMORY = typer.Option(None, help="per-device caps for --device-map, e.g. '0=20GiB,1=20GiB,cpu=60GiB'")
 OFFLOAD_FOLDER = typer.Option(None, help="folder for layers --device-map puts on 'disk'")
+SCORE = typer.Option(None, help="head score (`dynheads list scores`; default: the task's, Eq. 1 copy_paste on the "
+                     "NIAH needle, Eq. 2 reasoning on multi-hop supporting facts); it reads the task's span")
 PROMPT_STYLE = typer.Option("auto", help="prompt format: auto (chat when the tokenizer has a chat template, else "
                             "completion) | chat (the template) | completion (base models: context, question, "
                             "'Answer:'; the answer ends at its first line break)")
@@ -63,6 +55,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48, min=1),
         topk: int = typer.Option(1, min=1, help="also record the top-k attended positions and weights"),
         seed: int = typer.Option(0),
+        score: Optional[str] = SCORE,
         prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
         device: str = typer.Option("cpu"),
@@ -73,14 +66,14 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False),
     ):
         """Trace a Needle-in-a-Haystack sweep: per-step retrieval heads of every generated token."""
-        from dynheads.commands import niah_config, run_niah
+        from dynheads.commands import check_task, niah_config, run_niah
 
         cfg = niah_config(lengths, depths, samples_per_cell, haystack, needles, seed, num_needles, mode, prompt_style)
-        check_niah(cfg, out)  # bad input fails before the heavy imports and the model
+        check_task("niah", cfg, out, score)  # bad input fails before the heavy imports and the model
         lm = load_placed(model, dtype, device, device_map, max_memory, offload_folder)
         run = run_niah(lm, out, lengths=lengths, depths=depths, samples_per_cell=samples_per_cell, haystack=haystack,
                        needles=needles, num_needles=num_needles, mode=mode, max_new_tokens=max_new_tokens,
-                       topk=topk, seed=seed, prompt_style=prompt_style, quiet=quiet)
+                       topk=topk, seed=seed, prompt_style=prompt_style, score=score, quiet=quiet)
         results = run.sample_results()
         acc = sum(r["accuracy"] for r in results) / len(results)
         rouge = sum(r["rouge_l"] for r in results) / len(results)
@@ -100,9 +93,9 @@ def register(app: typer.Typer) -> None:
                                         "or its whole 'needle' sentence"),
     ):
         """Table 1 dynamism statistics and the Fig. 1 heatmap of a traced run."""
-        from dynheads.experiments import dynamism as dyn
-        from dynheads.experiments import hybrid as hyb
-        from dynheads.experiments import needles as ndl
+        from dynheads.analyses import dynamism as dyn
+        from dynheads.analyses import hybrid as hyb
+        from dynheads.analyses import needles as ndl
         from dynheads.runs import RunDir
 
         if needle_part not in ndl.PARTS:
@@ -131,7 +124,7 @@ def register(app: typer.Typer) -> None:
         recent: int = typer.Option(256, min=1, help="duo config.json recent_size (DuoAttention's deployment default)"),
     ):
         """Write a run's static head set for deployment (DuoAttention TSV) or its Wu et al. head scores."""
-        from dynheads.experiments.head_export import export_heads as export
+        from dynheads.analyses.head_export import export_heads as export
         from dynheads.runs import RunDir
 
         summary = export(RunDir.open(run_dir), format, out, top, sink, recent)
@@ -145,56 +138,60 @@ def register(app: typer.Typer) -> None:
         typer.echo(summary["path"])
 
 
-def check_niah(niah, out: Path | None = None) -> None:
-    """Everything about a NIAH grid that needs no model: the grid, the haystack and needle files, --out."""
-    from dynheads.runs import check_out
-    from dynheads.tasks.niah import load_haystack, load_needles
-
-    if not niah.lengths or not niah.depths or niah.samples_per_cell < 1:
-        raise ConfigError("the NIAH grid is empty (need lengths, depths and samples-per-cell >= 1)")
-    bad = [d for d in niah.depths if not 0 <= d <= 100]
-    if bad:
-        raise ConfigError(f"depth {bad[0]:g} is outside 0-100")
-    if min(niah.lengths) < 1:
-        raise ConfigError(f"context length {min(niah.lengths)} must be positive")
-    if niah.haystack is not None:
-        load_haystack(niah.haystack)
-    if niah.needles is not None:
-        load_needles(niah.needles)
-    if getattr(niah, "num_needles", 1) > 1:
-        from dynheads.tasks.multineedle import check_multi_needle
-
-        check_multi_needle(niah)
-    if out is not None:
-        check_out(out)
-
-
 def register_list(app: typer.Typer) -> None:
     @app.command("list")
-    def list_registered(what: str = typer.Argument(..., help="models | tasks | scores | ablations | selectors | "
-                                                 "triggers | retrievers")):
+    def list_registered(what: str = typer.Argument(..., help="models | tasks | scores | heads | ablations | triggers | "
+                                                 "retrievers; one command's head-set names: selectors (ablate), "
+                                                 "strategies (rag --heads), policies (sparse --policies)")):
         """List the named models or the registered extension points of one kind."""
         import importlib
 
         if what == "models":
             typer.echo(format_models())
             return
-
+        if what in ("heads", "selectors", "strategies", "policies"):
+            typer.echo(format_head_sets(what))
+            return
         tables = {
             "tasks": ("dynheads.tasks.base", "tasks", ("dynheads.tasks.niah", "dynheads.tasks.multihop")),
             "scores": ("dynheads.scores.base", "head_scores", ("dynheads.scores.copy_paste", "dynheads.scores.reasoning")),
             "ablations": ("dynheads.interventions.methods", "ablations", ()),
-            "selectors": ("dynheads.interventions.selectors", "selectors", ()),
             "triggers": ("dynheads.rag.trigger", "triggers", ()),
             "retrievers": ("dynheads.rag.retrievers", "retrievers", ()),
         }
         if what not in tables:
-            raise ConfigError(f"cannot list '{what}'; choose one of: models, {', '.join(tables)}")
+            raise ConfigError(f"cannot list '{what}'; choose one of: models, heads, selectors, strategies, policies, "
+                              f"{', '.join(tables)}")
         module, attr, extra = tables[what]
         for name in extra:
             importlib.import_module(name)
         for name in getattr(importlib.import_module(module), attr).names():
             typer.echo(name)
+
+
+def format_head_sets(what: str = "heads") -> str:
+    """`list heads`: every head set, when it decides, what it is and each command's names for it; `list selectors |
+    strategies | policies`: one command's names and the head set each means."""
+    import dynheads.headsets.builtin  # noqa: F401  (registers the built-ins; no torch)
+    from dynheads.headsets.base import head_sets
+    from dynheads.headsets.names import ABLATION, RAG, SPARSE, aliases
+
+    if what != "heads":
+        table = {"selectors": ABLATION, "strategies": RAG, "policies": SPARSE}[what]
+        lines = []
+        for name in table.names():
+            spec = table.get(name)
+            args = ", ".join(f"{k}={v}" for k, v in spec.args.items())
+            lines.append(f"{name}: head set {spec.name}" + (f" ({args})" if args else ""))
+        return "\n".join(lines)
+    lines = []
+    for name in head_sets.names():
+        doc = " ".join((head_sets.get(name).__doc__ or "").split())
+        lines.append(f"{name}: {doc}")
+        names = aliases(name)
+        if names:
+            lines.append(f"  as: {'; '.join(names)}")
+    return "\n".join(lines)
 
 
 def format_models() -> str:

@@ -13,7 +13,7 @@ In-context retrieval (the paper's setting): the context paragraphs stay in the p
      same pass that generated it);
   4. no trigger: accept the sentence. Trigger: cut the draft back to the start of the sentence holding
      the flagged token, run ONE identification step with the whole context visible (rows over the
-     context for all heads, final hidden state), let the strategy pick its heads, and let the injected
+     context for all heads, final hidden state), let the head set pick its heads, and let the injected
      retrieval mode open something (`rag.modes`: context windows, or BM25 passages in a new prompt);
      the sentence is regenerated there and appended; the context is hidden again for the next draft.
 
@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dynheads.rag.heads import HeadStrategy
+from dynheads.headsets.apply import check_decides
+from dynheads.headsets.base import HeadSet
 from dynheads.rag.trigger import Trigger, sentence_ranges
 from dynheads.tasks.base import EncodedSample
 from dynheads.tracing.tracer import DecodeState, StepView, Tracer
@@ -119,20 +120,27 @@ def prepare(tracer: Tracer, encoded: EncodedSample) -> Prepared:
     return Prepared(tracer.prefill(encoded.input_ids[: ce + 1], spans), ce + 1)
 
 
-def run(tracer: Tracer, encoded: EncodedSample, trigger: Trigger, retriever: RetrievalMode, selector: HeadStrategy,
+def run(tracer: Tracer, encoded: EncodedSample, trigger: Trigger, retriever: RetrievalMode, heads: HeadSet,
         config: RagConfig = RagConfig(), rng: np.random.Generator | None = None,
         prepared: Prepared | None = None) -> RagResult:
-    """Alg. 1 for one question: sentences drafted under the mask, RIND, head-driven retrieval, regeneration."""
+    """Alg. 1 for one question: sentences drafted under the mask, RIND, head-driven retrieval, regeneration.
+
+    `heads` (built for this question) chooses its heads at each identification step, which it sees as the
+    step's `current` pass; `rng` is its generator. A constant head set never retrieves: `none` keeps the
+    context hidden (w/o RAG), `all` shows all of it from the start (the full-context bound).
+    """
+    check_decides(heads, "Dynamic RAG")
     session = Session(tracer, encoded, config, retriever, prepared)
-    pick = selector.start(rng if rng is not None else np.random.default_rng(0)) if selector.retrieves else None
-    mask = session.begin(selector.context_visible)
+    rng = rng if rng is not None else np.random.default_rng(0)
+    pick = heads.constant is None
+    mask = session.begin(heads.constant is True)
     retrievals: list[Retrieval] = []
     n_drafts, stopped = 0, "budget"
     while session.budget > 0:
         start = len(session.state.ids)
         draft = session.sentence(session.state, mask, session.budget)
         n_drafts += 1
-        can_retrieve = pick is not None and (config.max_retrievals is None or len(retrievals) < config.max_retrievals)
+        can_retrieve = pick and (config.max_retrievals is None or len(retrievals) < config.max_retrievals)
         decision = trigger.should_retrieve(*session.rind_inputs(draft)) if can_retrieve and draft.ids else None
         if decision is None or not decision.retrieve:
             session.accept(draft)
@@ -142,10 +150,11 @@ def run(tracer: Tracer, encoded: EncodedSample, trigger: Trigger, retriever: Ret
             tracer.rewind(session.state, start + keep)  # retract to the sentence holding the flagged token
             session.accept(Sentence(draft.ids[:keep], draft.tokens[:keep], draft.views[:keep]))
             view = session.identify()
-            heads = np.asarray(pick(view), bool)
-            opened = retriever.open(session, view, heads, [draft.tokens[pos]])
+            chosen = heads.at(len(session.ids), tracer.lm.layout, rng=rng, current=view, sample=encoded,
+                              span="support")
+            opened = retriever.open(session, view, chosen, [draft.tokens[pos]])
             session.accept(opened.sentence, regenerated=True)
-            retrievals.append(Retrieval(len(draft.ids), pos, draft.tokens[pos], np.flatnonzero(heads).tolist(),
+            retrievals.append(Retrieval(len(draft.ids), pos, draft.tokens[pos], np.flatnonzero(chosen).tolist(),
                                         opened.windows, opened.query, opened.passages, "".join(opened.sentence.tokens)))
             draft = opened.sentence
         if draft.eos:
@@ -156,7 +165,7 @@ def run(tracer: Tracer, encoded: EncodedSample, trigger: Trigger, retriever: Ret
             break
         if not draft.ids:  # nothing generated and no end of turn: cannot progress
             break
-    return session.result(selector, retrievals, n_drafts, stopped)
+    return session.result(heads, retrievals, n_drafts, stopped)
 
 
 class Session:
@@ -243,16 +252,16 @@ class Session:
                 row[name] = v.arrays.get(name, np.full(shape, np.nan, np.float32))
             self.rows.append(row)
 
-    def result(self, strategy: HeadStrategy, retrievals: list[Retrieval], n_drafts: int, stopped: str) -> RagResult:
+    def result(self, heads: HeadSet, retrievals: list[Retrieval], n_drafts: int, stopped: str) -> RagResult:
         arrays = {"token_id": np.array(self.ids, np.int64)}
         shape = self.lm.layout.shape
         for name, dtype, empty in (("token_entropy", np.float32, ()), ("regenerated", bool, ()),
                                    ("mass_context", np.float32, shape), ("mass_support", np.float32, shape)):
             arrays[name] = (np.array([r[name] for r in self.rows], dtype) if self.rows
                             else np.zeros((0, *empty), dtype))
-        coverage, opened = self._coverage([w for r in retrievals for w in r.windows], strategy.context_visible)
+        coverage, opened = self._coverage([w for r in retrievals for w in r.windows], heads.constant is True)
         response = self.lm.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return RagResult(strategy.name, list(self.ids), response, retrievals, n_drafts, stopped, arrays,
+        return RagResult(heads.name, list(self.ids), response, retrievals, n_drafts, stopped, arrays,
                          coverage, opened)
 
     def _coverage(self, windows: list[tuple[int, int]], all_visible: bool) -> tuple[float | None, float | None]:

@@ -41,7 +41,7 @@ class ContextWindows:
 
     @classmethod
     def from_settings(cls, settings) -> "ContextWindows":
-        """From an `experiments.rag.RagSettings` (its `windows` retriever)."""
+        """From an `runners.rag.RagSettings` (its `windows` retriever)."""
         return cls(settings.windows)
 
     def open(self, session: Session, view: StepView, heads: np.ndarray, flagged: list[str]) -> Opened:

@@ -47,7 +47,7 @@ def figure(run: Path, name: str) -> Path | None:
 
 def collect(out: str | Path) -> dict[str, Any]:
     """Everything the report shows, keyed by experiment; missing parts are None."""
-    from dynheads.experiments.reproduce import read_state
+    from dynheads.runners.reproduce import read_state
 
     out = Path(out)
     state = read_state(out)
@@ -121,7 +121,7 @@ def pooled_stats(w: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> dict[st
 
 def sample_sums(active: np.ndarray, static: np.ndarray, keep: bool) -> tuple[list[float], np.ndarray]:
     """(sum of sizes, steps, sum/count of J with static, sum/count of adjacent J, per-head counts) of one sample."""
-    from dynheads.experiments.dynamism import step_jaccards
+    from dynheads.analyses.dynamism import step_jaccards
 
     js, ja = step_jaccards(active, static, keep)
     sizes = active.sum(1)

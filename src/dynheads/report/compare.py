@@ -66,7 +66,7 @@ def comparison_tables(datas: list[dict[str, Any]], names: list[str], verdicts: d
 
 # --- one claim's rows: {statistic: (paper value, our value with its interval)} ---------------------------
 def _claim1_rows(d: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    from dynheads.experiments.dynamism import PAPER_TABLE1 as p
+    from dynheads.analyses.dynamism import PAPER_TABLE1 as p
 
     dyn, band = d["niah"]["dynamism"], d["niah"]["table1_ci"] or {}
     if not dyn:
@@ -104,8 +104,8 @@ def _claim2_rows(d: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def _claim3_rows(d: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    from dynheads.experiments.cca import PAPER_FIG4_TOP1
-    from dynheads.experiments.probe_table import PAPER_TABLE2
+    from dynheads.analyses.cca import PAPER_FIG4_TOP1
+    from dynheads.analyses.probe_table import PAPER_TABLE2
 
     rows: dict[str, tuple[str, str]] = {}
     cca = d["niah"]["cca"]
@@ -123,7 +123,7 @@ def _claim3_rows(d: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def _rag_rows(d: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    from dynheads.experiments.rag import PAPER_TABLE4, TITLES
+    from dynheads.runners.rag import PAPER_TABLE4, TITLES
 
     res = d["rag"]["result"]
     if not res:

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 def hybrid_figure(result, title: str = ""):
     """Global-layer share of D_t and heads per copy step, per needle-position bin, with 95% intervals.
 
-    result: experiments.hybrid.HybridResult (bins inside / straddling / beyond, then beyond by distance).
+    result: analyses.hybrid.HybridResult (bins inside / straddling / beyond, then beyond by distance).
     """
     bins = [b for b in result.bins + result.distance_bins if b.n_copy_steps]
     names = [b.name for b in bins]

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 def fig6_heatmap(table, title: str = ""):
     """Fig. 6 layout: context-length bins on y, support-depth bins on x, colour = mean F1, opacity = samples.
 
-    `table` is an `experiments.trace.Fig6Table` (or its dict). Empty cells stay blank, as in the paper.
+    `table` is an `runners.trace.Fig6Table` (or its dict). Empty cells stay blank, as in the paper.
     """
     t = table if isinstance(table, dict) else table.__dict__
     n = np.asarray(t["n"], float)

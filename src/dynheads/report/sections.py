@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynheads.experiments.ablation import PAPER_FIG2
-from dynheads.experiments.progressive import PAPER_FIG3
-from dynheads.experiments.cca import PAPER_FIG4_TOP1
-from dynheads.experiments.dynamism import PAPER_TABLE1, static_cap_note
-from dynheads.experiments.probe_table import PAPER_TABLE2, PAPER_TABLE3
-from dynheads.experiments.rag import PAPER_TABLE4, TITLES
+from dynheads.analyses.cca import PAPER_FIG4_TOP1
+from dynheads.analyses.dynamism import PAPER_TABLE1, static_cap_note
+from dynheads.analyses.probe_table import PAPER_TABLE2, PAPER_TABLE3
+from dynheads.runners.ablation import PAPER_FIG2
+from dynheads.runners.progressive import PAPER_FIG3
+from dynheads.runners.rag import PAPER_TABLE4, TITLES
 
 PAPER_MODEL = "llama3.1-8b"
 

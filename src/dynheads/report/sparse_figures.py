@@ -1,6 +1,6 @@
 """Head-sparse decoding: accuracy against KV read fraction (one line per policy) and the results table.
 
-Input is the dict `experiments.sparse.summarise` returns; a matplotlib Figure (the caller saves it) or text out.
+Input is the dict `runners.sparse.summarise` returns; a matplotlib Figure (the caller saves it) or text out.
 """
 from __future__ import annotations
 

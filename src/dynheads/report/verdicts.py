@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from dynheads.experiments.stats import ABOVE, BELOW, MIN_PAIRS, paired_verdict
+from dynheads.analyses.stats import ABOVE, BELOW, MIN_PAIRS, paired_verdict
 
 MIN_TASK_ACCURACY = 0.5  # below this the model does not do the task the claim is about
 MIN_FULL_CONTEXT_EM = 0.2  # Dynamic RAG: the paper's weakest "w/o RAG" row is 0.17 EM

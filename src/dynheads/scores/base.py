@@ -9,12 +9,16 @@ comparison and the threshold are defined once, here and in the score's registrat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from dynheads.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: `dynheads list scores` needs no torch
+    from dynheads.tracing.tracer import StepView
 
 ScoreFn = Callable[..., np.ndarray]
 
@@ -35,6 +39,16 @@ class HeadScore:
     def active(self, scores: np.ndarray) -> np.ndarray:
         """Boolean dynamic sets: heads whose score exceeds the threshold (strict >)."""
         return np.asarray(scores) > self.threshold
+
+    def with_args(self, **args) -> "HeadScore":
+        """The same score with fixed arguments (e.g. the span a run scores: `span="support"`)."""
+        return replace(self, fn=partial(self.fn, **args)) if args else self
+
+    def on_step(self, view: StepView, token_spans: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32 [L, H], active bool [L, H]) of one step's pass (a tracer StepView)."""
+        arrays = {k: v[None] for k, v in view.arrays.items()} | {"token_id": np.array([view.token_id])}
+        values = self(arrays, token_spans)[0]
+        return values, self.active(values)
 
 
 head_scores: Registry[HeadScore] = Registry("head score")

@@ -24,7 +24,7 @@ def copy_paste_score(arrays: dict[str, np.ndarray], token_spans: dict, span: str
     """1 where a head's top-1 position lies in the needle and holds the generated token, else 0.
 
     Eq. 1 of Lin et al.; unlike Wu et al. it is not divided by the needle length (that sample-level
-    score is `wu_sample_scores` in experiments/dynamism.py). Shape [T, layers, heads], float32.
+    score is `wu_sample_scores` in analyses/dynamism.py). Shape [T, layers, heads], float32.
     """
     pos, tok = arrays[pos_key], arrays[token_key]
     generated = arrays[generated_key][:, None, None]

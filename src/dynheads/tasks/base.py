@@ -159,6 +159,36 @@ def _char_to_token_spans(offsets, ranges: list[CharSpan], sample_id: str, name: 
     return out
 
 
-TaskFactory = Callable[..., Iterable[Sample]]
-tasks: Registry[TaskFactory] = Registry("task")
-task = tasks.register
+@dataclass(frozen=True)
+class Task:
+    """A registered task: how its samples are built and checked, and what scores its heads and answers."""
+
+    name: str
+    samples: Callable[..., Iterable[EncodedSample]]  # (tokenizer, config, max_positions) → samples in a fixed order
+    config: type  # the frozen config dataclass a run stores as `task`
+    score: str  # its head score (scores/; `--score` overrides)
+    span: str  # the named span that score reads (the needle, the supporting facts)
+    metric: Callable[[str, Sample], dict]  # answer metrics of one response
+    check: Callable[[Any], None]  # model-free validation of a config (grid, input files), before any model loads
+    inputs: Callable[[Any], tuple[Any, dict]]  # the config with input paths resolved, and their content fingerprints
+
+
+tasks: Registry[Task] = Registry("task")
+
+
+def task(name: str, *, config: type, score: str, span: str, metric: Callable, check: Callable, inputs: Callable):
+    """Register `samples(tokenizer, config, max_positions)` as the task `name` with its score, span and metric."""
+
+    def deco(samples: Callable[..., Iterable[EncodedSample]]):
+        tasks.register(name)(Task(name, samples, config, score, span, metric, check, inputs))
+        return samples
+
+    return deco
+
+
+def get_task(name: str) -> Task:
+    """A registered task (the built-ins register at import; none of them imports torch)."""
+    import dynheads.tasks.multihop  # noqa: F401
+    import dynheads.tasks.niah  # noqa: F401
+
+    return tasks.get(name)

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dynheads.errors import ConfigError, DataError
+from dynheads.files import fingerprint, resolved
 from dynheads.registry import Registry
-from dynheads.tasks.base import CharSpan, PromptFormat, Sample, check_prompt_style, task
+from dynheads.tasks.base import CharSpan, EncodedSample, PromptFormat, Sample, check_prompt_style, encode, task
 
 SYSTEM = "You are a helpful assistant that answers questions using the given documents. Keep your response short and direct."
 # Base models (completion style): a worked example of the "cot" answer form, on invented documents (no
@@ -117,7 +118,6 @@ class MultihopTask:
         return self.samples[i]
 
 
-@task("multihop")
 def multihop(path: str, limit: int | None = None, format: str = "auto", prompt: str = "short",
              keep_missing_support: bool = False, prompt_style: str = "chat") -> MultihopTask:
     """HotpotQA-style multi-hop QA from a file; `format` is auto or one of `formats.names()`."""
@@ -134,6 +134,29 @@ class MultihopConfig:
     format: str = "auto"  # a layout of tasks.multihop.formats, or auto-detect from the first record
     prompt: str = "short"  # tasks.multihop.PROMPTS: "short" answers (Fig. 6 EM/F1) or "cot" (as Dynamic RAG)
     prompt_style: str = "auto"  # auto | chat | completion (tasks/base.py); runs store the resolved style
+
+
+def score_answer(response: str, sample: Sample) -> dict[str, Any]:
+    """EM/F1 of the short answer inside a response (`accuracy` = EM, for code written for NIAH)."""
+    from dynheads.tasks.metrics import exact_match, extract_answer, f1_score
+
+    pred = extract_answer(response)
+    em = exact_match(pred, sample.answers)
+    return {"prediction": pred, "em": em, "f1": f1_score(pred, sample.answers), "accuracy": em}
+
+
+def multihop_inputs(config: MultihopConfig) -> tuple[MultihopConfig, dict]:
+    """The config with its data path resolved, and the file's content fingerprint (a resumed run compares it)."""
+    config = replace(config, data=resolved(config.data))
+    return config, {"data": fingerprint(config.data)}
+
+
+@task("multihop", config=MultihopConfig, score="reasoning", span="support", metric=score_answer,
+      check=lambda config: load_questions(config), inputs=multihop_inputs)
+def multihop_samples(tokenizer, config: MultihopConfig, max_positions: int | None = None) -> Iterator[EncodedSample]:
+    """The file's questions, encoded (records whose supporting facts are missing are skipped); Eq. 2 on the
+    supporting facts. `max_positions` is checked per sample by the run that traces them."""
+    return (encode(s, tokenizer) for s in load_questions(config))
 
 
 def load_questions(task: MultihopConfig):

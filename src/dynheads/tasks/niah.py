@@ -11,11 +11,12 @@ import json
 import random
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from dynheads.errors import ConfigError, DataError
+from dynheads.files import fingerprint, resolved
 from dynheads.tasks.base import EncodedSample, PromptFormat, Sample, encode, resolve_prompt_style, task
 from dynheads.tasks.metrics import contains_accuracy, rouge_l
 
@@ -259,6 +260,36 @@ def _cpython_doc_prose() -> str:
     return "\n\n".join(paragraphs)
 
 
-@task("niah")
+def check_grid(niah: NiahConfig) -> None:
+    """Everything about a NIAH grid that needs no model: the grid, the haystack and needle files, several needles."""
+    if not niah.lengths or not niah.depths or niah.samples_per_cell < 1:
+        raise ConfigError("the NIAH grid is empty (need lengths, depths and samples-per-cell >= 1)")
+    bad = [d for d in niah.depths if not 0 <= d <= 100]
+    if bad:
+        raise ConfigError(f"depth {bad[0]:g} is outside 0-100")
+    if min(niah.lengths) < 1:
+        raise ConfigError(f"context length {min(niah.lengths)} must be positive")
+    if niah.haystack is not None:
+        load_haystack(niah.haystack)
+    if niah.needles is not None:
+        load_needles(niah.needles)
+    if getattr(niah, "num_needles", 1) > 1:
+        from dynheads.tasks.multineedle import check_multi_needle
+
+        check_multi_needle(niah)
+
+
+def niah_inputs(niah: NiahConfig) -> tuple[NiahConfig, dict]:
+    """The grid with its haystack and needle paths resolved, and their content fingerprints: a resumed
+    run compares both, so another folder behind the same relative path is refused, and the same folder
+    written as an absolute path resumes."""
+    niah = replace(niah, haystack=resolved(niah.haystack), needles=resolved(niah.needles))
+    return niah, {"haystack": niah.haystack and fingerprint(niah.haystack, "*.txt"),
+                  "needles": niah.needles and fingerprint(niah.needles)}
+
+
+@task("niah", config=NiahConfig, score="copy_paste", span="needle", metric=score_response, check=check_grid,
+      inputs=niah_inputs)
 def niah_task(tokenizer, config: NiahConfig = NiahConfig(), max_positions: int | None = None):
+    """The NIAH grid's samples (several needles when the config is a MultiNiahConfig); Eq. 1 on the needle."""
     return niah_samples(tokenizer, config, max_positions)

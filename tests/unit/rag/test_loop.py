@@ -7,18 +7,25 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm
+from dynheads.analyses.probes import Probe, ProbeConfig
 from dynheads.errors import ConfigError
-from dynheads.experiments.probes import ProbeConfig
+from dynheads.heads import HeadLayout
+from dynheads.headsets.base import AFTER_FULL_PASS, HeadSet, build, top_k
+from dynheads.headsets.names import RAG
 from dynheads.rag import loop
-from dynheads.experiments.probes import Probe
-from dynheads.rag.heads import HeadStrategy, build_strategy, fit_regressor, top_n
 from dynheads.rag.modes import ContextWindows
 from dynheads.rag.trigger import NeverTrigger, RindTrigger, TriggerDecision
+from dynheads.runners.rag import fit_regressor
 from dynheads.tasks.base import EncodedSample, PromptFormat, Sample
 from dynheads.tracing.tracer import TraceConfig, Tracer
 
 N_IDS, CONTEXT, SUPPORT = 60, (5, 40), (15, 20)
 CFG = loop.RagConfig(max_new_tokens=20, max_sentence_tokens=7)
+
+
+def strategy(name: str, n_heads: int = 5, **inputs) -> HeadSet:
+    """A `rag --heads` strategy as the runner builds it: its head set choosing n_heads query heads."""
+    return build(RAG.get(name), k=n_heads, **inputs)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +71,7 @@ class FixedWindows:
 
 def test_full_equals_plain_traced_generation(lm, enc):
     tracer = Tracer(lm, TraceConfig(mass_spans=("context",)))
-    result = loop.run(tracer, enc, RindTrigger(threshold=0.0), ContextWindows(), build_strategy("full"), CFG)
+    result = loop.run(tracer, enc, RindTrigger(threshold=0.0), ContextWindows(), strategy("full"), CFG)
     plain = tracer.generate(tracer.prefill(enc.input_ids, {"context": [CONTEXT]}), max_new_tokens=20)
     assert result.token_ids == plain.token_ids and len(result.token_ids) == 20
     assert result.retrievals == [] and result.stopped == "budget" and result.n_drafts == 3
@@ -74,7 +81,7 @@ def test_full_equals_plain_traced_generation(lm, enc):
 
 def test_none_equals_generation_with_the_whole_context_hidden(lm, enc):
     tracer = Tracer(lm)
-    result = loop.run(tracer, enc, RindTrigger(threshold=0.0), ContextWindows(), build_strategy("none"), CFG)
+    result = loop.run(tracer, enc, RindTrigger(threshold=0.0), ContextWindows(), strategy("none"), CFG)
     hidden = tracer.generate(tracer.prefill(enc.input_ids, hidden_keys=_hidden()), max_new_tokens=20)
     assert result.token_ids == hidden.token_ids and result.retrievals == []
     visible = tracer.generate(tracer.prefill(enc.input_ids), max_new_tokens=20)
@@ -85,15 +92,15 @@ def test_none_equals_generation_with_the_whole_context_hidden(lm, enc):
 def test_hidden_context_gets_exactly_zero_attention_until_a_window_is_opened(lm, enc):
     views = []
 
-    def make_picker(rng):
-        def pick(view):
-            views.append(view)
-            return top_n(np.arange(8, dtype=float).reshape(2, 4), 5)
-        return pick
+    def pick(step):
+        views.append(step.current)
+        assert step.t == 0 and step.span == "support" and step.sample is enc and step.budget.k == 5
+        return top_k(np.arange(8, dtype=float).reshape(2, 4), 5)
 
     windows = FixedWindows()
     result = loop.run(Tracer(lm), enc, FirstDraftOnly(), ContextWindows(windows),
-                      HeadStrategy("probe", True, False, make_picker), CFG, np.random.default_rng(0))
+                      HeadSet("probe", pick, AFTER_FULL_PASS, build("none", k=5).budget), CFG,
+                      np.random.default_rng(0))
     assert len(result.retrievals) == 1 and len(views) == 1
     r = result.retrievals[0]
     assert r.flagged == 2 and r.draft_tokens == 7 and r.windows == [(10, 18)]
@@ -101,7 +108,7 @@ def test_hidden_context_gets_exactly_zero_attention_until_a_window_is_opened(lm,
     # identification step: the whole context visible, rows over it for every head
     rows = views[0].arrays["rows_context"]
     assert rows.shape == (2, 4, CONTEXT[1] - CONTEXT[0]) and (rows > 0).all() and views[0].hidden is not None
-    np.testing.assert_array_equal(windows.seen[0], rows[top_n(np.arange(8.0).reshape(2, 4), 5)])
+    np.testing.assert_array_equal(windows.seen[0], rows[top_k(np.arange(8.0).reshape(2, 4), 5)])
     regen = result.arrays["regenerated"]
     assert regen[:7].all() and not regen[7:].any()  # the whole first draft was retracted and regenerated
     mass, support = result.arrays["mass_context"], result.arrays["mass_support"]
@@ -114,7 +121,7 @@ def test_regenerated_sentence_is_generation_under_the_opened_windows(lm, enc):
     ranking = np.arange(8, dtype=float).reshape(2, 4)
     tracer = Tracer(lm)
     result = loop.run(tracer, enc, FirstDraftOnly(), ContextWindows(FixedWindows()),
-                      build_strategy("static", ranking=ranking, shape=(2, 4)), CFG, np.random.default_rng(0))
+                      strategy("static", ranking=ranking), CFG, np.random.default_rng(0))
     assert len(result.retrievals) == 1 and result.retrievals[0].heads == [3, 4, 5, 6, 7]
     visible = _hidden()
     visible[CONTEXT[0] + 10: CONTEXT[0] + 18] = False
@@ -128,17 +135,18 @@ def test_retrieval_cap_and_shared_prefill(lm, enc):
     tracer = Tracer(lm)
     prepared = loop.prepare(tracer, enc)
     cfg = loop.RagConfig(max_new_tokens=20, max_sentence_tokens=7, max_retrievals=2)
-    strategy = build_strategy("dynamic-random", shape=(2, 4), n_heads=3)
-    first = loop.run(tracer, enc, RindTrigger(threshold=-1.0), ContextWindows(), strategy, cfg,
+    first = loop.run(tracer, enc, RindTrigger(threshold=-1.0), ContextWindows(), strategy("dynamic-random", 3), cfg,
                      np.random.default_rng(5), prepared)
-    again = loop.run(tracer, enc, RindTrigger(threshold=-1.0), ContextWindows(), strategy, cfg,
+    again = loop.run(tracer, enc, RindTrigger(threshold=-1.0), ContextWindows(), strategy("dynamic-random", 3), cfg,
                      np.random.default_rng(5), prepared)
     assert len(first.retrievals) == 2 and all(len(r.heads) == 3 for r in first.retrievals)
     assert first.token_ids == again.token_ids and [r.heads for r in first.retrievals] == [r.heads for r in again.retrievals]
-    fixed = build_strategy("fixed-random", shape=(2, 4), n_heads=3)
+    fixed = strategy("fixed-random", 3)
     res = loop.run(tracer, enc, RindTrigger(threshold=-1.0), ContextWindows(), fixed, cfg, np.random.default_rng(1), prepared)
     assert res.retrievals[0].heads == res.retrievals[1].heads
-    never = loop.run(tracer, enc, NeverTrigger(), ContextWindows(), strategy, cfg, np.random.default_rng(5), prepared)
+    assert [r.heads for r in first.retrievals][0] != [r.heads for r in first.retrievals][1]  # redrawn each retrieval
+    never = loop.run(tracer, enc, NeverTrigger(), ContextWindows(), strategy("dynamic-random", 3), cfg,
+                     np.random.default_rng(5), prepared)
     assert never.retrievals == [] and never.support_coverage == 0.0
 
 
@@ -155,15 +163,15 @@ def test_dynamic_strategy_uses_the_regressor_and_it_round_trips(tmp_path):
     loaded = Probe.load(reg.save(tmp_path / "r.pt"))
     np.testing.assert_allclose(loaded.predict(hidden[0]), reg.predict(hidden[0]), rtol=1e-6)
     assert loaded.meta["sample_ids"] == ["s0"] and loaded.shape == (2, 4)
-    pick = build_strategy("dynamic", regressor=loaded, shape=(2, 4)).start(np.random.default_rng(0))
     view = loop.StepView(0, 0, 0.0, 0.0, {}, hidden[0])
-    np.testing.assert_array_equal(pick(view), top_n(reg.predict(hidden[0]), 5))
-    with pytest.raises(ConfigError, match="needs a regressor"):
-        build_strategy("dynamic", regressor=None, shape=(2, 4))
+    chosen = strategy("dynamic", predictor=loaded).at(0, HeadLayout(2, 4, 4), current=view)
+    np.testing.assert_array_equal(chosen, top_k(reg.predict(hidden[0]), 5))
+    with pytest.raises(ConfigError, match="needs a predictor"):
+        strategy("dynamic", predictor=None)
     with pytest.raises(ConfigError, match="needs a ranking"):
-        build_strategy("static", ranking=None, shape=(2, 4))
+        strategy("static", ranking=None)
     with pytest.raises(ConfigError, match="unknown head strategy"):
-        build_strategy("oracle")
+        strategy("oracle")
     (tmp_path / "bad.pt").write_bytes(b"not torch")
     with pytest.raises(ConfigError, match="not a saved dynheads probe"):
         Probe.load(tmp_path / "bad.pt")

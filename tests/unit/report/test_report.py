@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 
+from dynheads.analyses.dynamism import DynamismConfig, dynamism_stats
 from dynheads.errors import ConfigError, DataError, Interrupted
-from dynheads.experiments import reproduce as rep
-from dynheads.experiments.dynamism import DynamismConfig, dynamism_stats
 from dynheads.report import verdicts as vd
 from dynheads.report.collect import pooled_stats, read_result, sample_sums
+from dynheads.runners import reproduce as rep
 
 
 @pytest.mark.parametrize("empty", ["skip", "keep"])
@@ -36,7 +36,7 @@ def test_table1_names_the_static_set_it_used_when_capped_below_20(tmp_path):
     """Only 7 heads ever score: the column and the entropy say top-7, and a note says it was capped."""
     from dataclasses import asdict
 
-    from dynheads.experiments.dynamism import activation_frequency, top_heads
+    from dynheads.analyses.dynamism import activation_frequency, top_heads
     from dynheads.report.sections import sections
 
     rng = np.random.default_rng(1)
@@ -128,7 +128,7 @@ def test_claims_1_and_3_need_a_minimum_of_samples():
 
 def _rag(f1_dynamic, f1_static, em_full=0.5):
     """A RAG result summarised from per-question F1s (dynamic, static, w/o RAG at 0, full context at em_full)."""
-    from dynheads.experiments.rag import summarize
+    from dynheads.runners.rag import summarize
 
     q = lambda f1, em=0.0: {"em": em, "f1": f1, "n_retrievals": 1, "n_tokens": 5}  # noqa: E731
     rows = [{"strategies": {"dynamic": q(d), "static": q(s), "none": q(0.0), "full": q(1.0, em_full)}}
@@ -236,8 +236,8 @@ def test_report_refuses_a_state_file_that_is_not_a_reproduction(tmp_path):
 
 
 def test_sections_and_markdown_from_experiment_summaries(tmp_path):
-    from dynheads.experiments.ablation import CONDITIONS, summarise
-    from dynheads.experiments.rag import summarize
+    from dynheads.runners.ablation import CONDITIONS, summarise
+    from dynheads.runners.rag import summarize
     from dynheads.report.html import render_html, render_md
     from dynheads.report.sections import sections
 
@@ -279,7 +279,7 @@ def test_sections_and_markdown_from_experiment_summaries(tmp_path):
 
 
 def test_comparison_tables_put_models_side_by_side():
-    from dynheads.experiments.ablation import CONDITIONS, summarise
+    from dynheads.runners.ablation import CONDITIONS, summarise
     from dynheads.report.compare import comparison_tables
 
     def data(model, dyn_acc):

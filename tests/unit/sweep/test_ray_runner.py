@@ -143,7 +143,7 @@ def test_two_pass_ablation_ships_work_that_needs_no_run_folder(tmp_path):
     """Run-level matching's second pass reads the first pass from the run folder: the driver reads it and
     the shipped work gets it with the sample. Here a stand-in worker (the work pickled from a weightless
     driver, run on a loaded model) runs each sample while the run folder is moved away."""
-    from dynheads.experiments import ablation as abl
+    from dynheads.runners import ablation as abl
     from dynheads.runs import RunDir
 
     real = make_tiny_lm("llama")

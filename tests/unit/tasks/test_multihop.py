@@ -4,13 +4,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+from dataclasses import replace
 
 import pytest
 
 from dynheads.errors import ConfigError, DataError
-from dynheads.registry import Spec
-from dynheads.tasks.base import encode, tasks
-from dynheads.tasks.multihop import Fig6Bins, fig6_cell, load_multihop, support_depth
+from dynheads.files import fingerprint
+from dynheads.tasks.base import encode, get_task
+from dynheads.tasks.multihop import (Fig6Bins, MultihopConfig, fig6_cell, load_multihop, load_questions,
+                                     support_depth)
 
 from conftest import SHARED_DATA as DATA
 
@@ -104,9 +107,22 @@ def test_fullwiki_missing_support_is_counted_and_reported():
 def test_limit_counts_kept_samples_and_task_registry():
     samples, report = load_multihop(FULLWIKI, limit=10)
     assert report.n_loaded == 10 and report.n_records > 10
-    t = tasks.create(Spec("multihop", {"path": str(HF), "limit": 4, "prompt": "cot"}))
-    assert len(list(t)) == 4 and t.report.n_loaded == 4
-    assert "So the answer is" in t[0].prompt.user
+    task = get_task("multihop")
+    assert (task.name, task.score, task.span, task.config) == ("multihop", "reasoning", "support", MultihopConfig)
+    config = MultihopConfig(str(HF), 4, prompt="cot", prompt_style="chat")
+    task.check(config)
+    loaded = load_questions(config)
+    encoded = list(task.samples(_tiny_tokenizer([s.context for s in loaded.samples[:2]]), config, None))
+    assert [e.sample.id for e in encoded] == [s.id for s in loaded] and loaded.report.n_loaded == 4
+    assert "So the answer is" in encoded[0].sample.prompt.user
+    resolved, inputs = task.inputs(replace(config, data=os.path.relpath(HF)))
+    assert resolved.data == str(HF.resolve()) and resolved.limit == 4
+    assert inputs == {"data": fingerprint(HF)} and inputs["data"]["path"] == str(HF.resolve())
+    assert task.metric("Reasoning. So the answer is Paris.", replace(encoded[0].sample, answer=["paris"]))["em"] == 1.0
+    with pytest.raises(ConfigError, match="unknown format 'squad'; choose auto or one of"):
+        task.check(replace(config, format="squad"))
+    with pytest.raises(ConfigError, match="unknown task 'nope'; choose one of: multihop, niah"):
+        get_task("nope")
 
 
 @pytest.mark.parametrize("content, needle", [

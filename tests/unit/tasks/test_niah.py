@@ -4,7 +4,7 @@ import json
 import pytest
 
 from dynheads.errors import ConfigError, DataError
-from dynheads.tasks.base import encode
+from dynheads.tasks.base import encode, get_task
 from dynheads.tasks.niah import NiahConfig, insert_needle, load_haystack, load_needles, niah_samples
 
 
@@ -57,6 +57,27 @@ def test_paul_graham_haystack_and_retrieval_head_needles(tokenizer, shared_data)
     samples = list(niah_samples(tokenizer, cfg))
     assert [s.sample.answer for s in samples] == [n.answer for n in needles]
     assert all(s.prompt_len == 400 for s in samples)
+
+
+def test_the_registered_task_builds_the_grid_and_names_its_score_span_and_metric(tokenizer, tmp_path):
+    task = get_task("niah")
+    assert (task.name, task.score, task.span, task.config) == ("niah", "copy_paste", "needle", NiahConfig)
+    cfg = NiahConfig(lengths=(300,), depths=(50,), samples_per_cell=2, seed=7)
+    assert [e.input_ids for e in task.samples(tokenizer, cfg, 8192)] == [e.input_ids for e in niah_samples(tokenizer, cfg)]
+    enc = next(iter(task.samples(tokenizer, cfg, 8192)))
+    assert task.metric(f"It is {enc.sample.answer}.", enc.sample)["accuracy"] == 1.0
+    assert task.metric("no idea", enc.sample)["accuracy"] == 0.0
+    (tmp_path / "hay").mkdir()
+    (tmp_path / "hay" / "a.txt").write_text("Some prose sentence here. " * 30)
+    resolved, inputs = task.inputs(NiahConfig(haystack=str(tmp_path / "hay" / ".." / "hay")))
+    assert resolved.haystack == str((tmp_path / "hay").resolve()) and inputs["needles"] is None
+    assert inputs["haystack"]["path"] == resolved.haystack and len(inputs["haystack"]["sha256"]) == 64
+    task.check(cfg)
+    for bad, message in ((NiahConfig(depths=(101,)), "depth 101 is outside 0-100"),
+                         (NiahConfig(lengths=()), "the NIAH grid is empty"),
+                         (NiahConfig(haystack=str(tmp_path / "nothing")), "does not exist")):
+        with pytest.raises((ConfigError, DataError), match=message):
+            task.check(bad)
 
 
 def test_bad_inputs_are_one_line_errors(tokenizer, tmp_path):

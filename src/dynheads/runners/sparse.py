@@ -1,0 +1,240 @@
+"""Head-sparse decoding at equal budget: does opening the *predicted* heads beat a static set?
+
+Every sample is prefilled once; each policy × budget forks that prefill (tracer `heads=`), so the
+prompt is never re-run. A policy is a head set (headsets/: `--policies` names in names.py, the tracer
+callback in apply.py) counting `--unit` heads; its random generator at step t is seeded from (seed,
+sample id, t). Per condition: the answer metrics, and the KV read per step as a fraction of
+the full cache (closed units still read their S + W keys; sparse.py `Sparsity.kv_read`). Summary:
+bootstrap 95% intervals over samples, paired tests of `predicted` against `static` at each budget,
+and a figure of accuracy against KV read fraction.
+
+The detection run (a traced run folder of *other* samples, with hidden states) gives the static
+ranking (its head score's activation frequency, as `dynheads ablate --static-ranking`) and the
+training data of the `predicted` policy's probe: hidden state at step n → active heads at n + 1
+(probes.fit_probe, offset 1, activity by the run's registered score), saved as <out>/predictor.pt so a resumed
+run reuses it. A detection run that shares a sample with the evaluated ones is refused.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dynheads.analyses.rankings import ranking_from_run
+from dynheads.analyses.stats import sample_rng
+from dynheads.analyses.stats import ABOVE, ALPHA, BELOW, MIN_PAIRS, bootstrap_ci, paired_difference, paired_verdict
+from dynheads.config import run_config
+from dynheads.errors import ConfigError
+from dynheads.headsets import apply
+from dynheads.headsets.base import build
+from dynheads.headsets.builtin import CONSTANT
+from dynheads.headsets.names import SPARSE
+from dynheads.models import LoadedModel
+from dynheads.runners.detection import load_static_ranking
+from dynheads.runs import RunDir
+from dynheads.scores.base import get_score
+from dynheads.tasks.base import EncodedSample
+from dynheads.tasks.metrics import rouge_l
+from dynheads.tracing.runner import run_samples
+from dynheads.tracing.sparse import Sparsity
+from dynheads.tracing.tracer import TraceConfig, Tracer
+
+POLICIES = ("full", "streaming", "static", "random", "oracle", "predicted")
+BUDGETLESS = tuple(name for name in POLICIES if SPARSE.get(name).name in CONSTANT)  # every head or none: k is moot
+METRICS = ("accuracy", "rouge_l", "kv_read")
+_GRID_KEYS = ("lengths", "depths", "samples_per_cell", "limit")  # which samples of a source, not the source
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """The comparison: policies × budgets, what closed heads read, where rankings and probes come from."""
+
+    detection: str  # traced run folder of other samples (static ranking, probe training data)
+    policies: tuple[str, ...] = POLICIES
+    budgets: tuple[int, ...] = (1, 2, 4, 8, 16)  # units opened per step, over all layers
+    sparsity: Sparsity = Sparsity()
+    static_ranking: str | None = None  # head_score JSON or run folder overriding the detection run's ranking
+    n_boot: int = 2000
+    seed: int = 0  # random policy, probe training, bootstrap
+
+    def __post_init__(self):
+        for name in self.policies:
+            SPARSE.get(name)
+        if not self.policies or not self.budgets:
+            raise ConfigError("--policies and --budgets must not be empty")
+        if min(self.budgets) < 1:
+            raise ConfigError(f"--budgets: a budget of {min(self.budgets)} opens no head (that is the 'streaming' "
+                              "policy); give budgets of at least 1")
+        if self.n_boot < 1:
+            raise ConfigError(f"--n-boot must be at least 1, got {self.n_boot}")
+
+
+def conditions(config: SparseConfig) -> list[tuple[str, str, int | None]]:
+    """(condition name, policy, budget): budget-free policies once, the others once per budget."""
+    out = []
+    for name in config.policies:
+        out += [(name, name, None)] if name in BUDGETLESS else [(f"{name}@{k}", name, k) for k in config.budgets]
+    return out
+
+
+def sparse_sample(tracer: Tracer, encoded: EncodedSample, config: SparseConfig, inputs: dict[str, Any],
+                  metric: Callable[[str, Any], dict]) -> tuple[dict, dict]:
+    """One prefill, then every condition forked from it."""
+    state = tracer.prefill(encoded.input_ids, encoded.token_spans)
+    rng_at = step_generators(config.seed, encoded.sample.id)
+    arrays, results = {}, {}
+    for cond, name, k in conditions(config):
+        heads = build(SPARSE.get(name), k=k, unit=config.sparsity.unit, ranking=inputs["ranking"],
+                      predictor=inputs.get("predictor"))
+        policy = apply.decoding_policy(heads, encoded, tracer.lm.layout, inputs["score"], inputs["span"], rng_at)
+        trace = tracer.generate(state, heads=policy, sparsity=config.sparsity,
+                                full_pass_first=apply.needs_full_pass(heads), fork=True)
+        opened = np.stack(trace.open_heads) if trace.open_heads else np.zeros((0, *inputs["shape"]), bool)
+        kv = [config.sparsity.kv_read(o, encoded.prompt_len + t, tracer.lm.layout.group_size)
+              for t, o in enumerate(opened)]
+        response = tracer.lm.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
+        scores = metric(response, encoded.sample)
+        scores.setdefault("rouge_l", max(rouge_l(response, a) for a in encoded.sample.answers))
+        arrays[f"{cond}__token_id"] = np.asarray(trace.token_ids, np.int64)
+        arrays[f"{cond}__open"] = opened
+        results[cond] = {"response": response, "n_steps": len(trace.token_ids), **scores,
+                         "kv_read": float(np.mean(kv)) if kv else 1.0,
+                         "opened": [int(o.sum()) for o in opened]}
+    return arrays, {"prompt_tokens": encoded.prompt_len, "conditions": results}
+
+
+def step_generators(seed: int, sample_id: str) -> Callable[[int], np.random.Generator]:
+    """Step t's random generator for one sample, seeded from (seed, sample id, t): the same draw whatever ran before."""
+    key = zlib.crc32(sample_id.encode())
+    return lambda t: np.random.default_rng([seed, key, t])
+
+
+def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, config: SparseConfig,
+               out: str | Path, metric: Callable[[str, Any], dict], trace: TraceConfig = TraceConfig(),
+               quiet: bool = False) -> tuple[RunDir, dict]:
+    """Every sample under every policy × budget into `out` (resumable), then results/sparse.json and the figure.
+
+    `samples` are the registered task's samples of `task_config` (its config dataclass), `metric` its answer metric.
+    """
+    from dynheads.report.sparse_figures import accuracy_vs_kv_read
+
+    units = config.sparsity.units(lm.layout.n_heads, lm.layout.n_kv_heads)
+    shape = (lm.layout.n_layers, units)
+    bad = [k for k in config.budgets if not 1 <= k <= lm.layout.n_layers * units]
+    if bad:
+        raise ConfigError(f"budget {bad[0]} is outside 1..{lm.layout.n_layers * units} ({config.sparsity.unit} heads)")
+    detection = RunDir.open(Path(config.detection).expanduser(), what="detection run")
+    det_cfg = detection.config
+    ids = {e.sample.id for e in samples}
+    task = asdict(task_config)
+    _check_disjoint(detection, task, ids)
+    ranking, source = ranking_from_run(detection, lm.layout, task_config, ids, what="detection run")
+    if config.static_ranking is not None:
+        ranking, source = load_static_ranking(config.static_ranking, lm, task_config, ids, task_config, Path(out),
+                                              trace, quiet)
+    score = get_score(det_cfg["score"]["name"])
+    span = det_cfg["score"].get("args", {}).get("span", "needle")
+    trace = replace(trace, record_rows=False, record_hidden="predicted" in config.policies,
+                    mass_spans=tuple(dict.fromkeys(score.mass_spans + (span,))))
+    run = RunDir.create(out, run_config("sparse", lm, config.seed, task=task, trace=trace, sparse=config))
+    inputs = {"shape": shape, "ranking": ranking, "score": score, "span": span}
+    if "predicted" in config.policies:
+        inputs["predictor"] = _predictor(detection, score, run.path / "predictor.pt", config.seed)
+    tracer = Tracer(lm, trace)
+    run_samples(run, samples, lambda enc: sparse_sample(tracer, enc, config, inputs, metric), len(samples), quiet)
+    result = summarise(run.sample_results(), config)
+    result.update(static_ranking=source, detection=str(detection.path), sparsity=asdict(config.sparsity),
+                  predictor=_predictor_info(run.path / "predictor.pt"))
+    run.write_result("sparse", result)
+    fig = accuracy_vs_kv_read(result, title=f"{Path(lm.source).name}: head-sparse decoding, {result['n_samples']} "
+                              f"samples (S={config.sparsity.sink}, W={config.sparsity.recent}, {config.sparsity.unit} heads)")
+    _save(fig, run.figure_path("sparse_accuracy_vs_kv"))
+    return run, result
+
+
+def summarise(rows: list[dict], config: SparseConfig) -> dict:
+    """Per condition: mean and 95% bootstrap CI of accuracy, ROUGE-L, KV read; predicted (and oracle) − static."""
+    rng = sample_rng(config.seed, "sparse-stats")
+    per = {c: {m: np.array([r["conditions"][c][m] for r in rows], float) for m in METRICS + ("f1",)
+               if m in rows[0]["conditions"][c]} for c, _, _ in conditions(config)}
+    conds = {c: {"policy": p, "budget": k, **{m: asdict(bootstrap_ci(v, rng, config.n_boot)) for m, v in per[c].items()}}
+             for c, p, k in conditions(config)}
+    tests = []
+    # predicted − static answers the question; oracle − static is the headroom any dynamic policy has there.
+    for policy in ("predicted", "oracle"):
+        if {policy, "static"} <= set(config.policies):
+            for k in config.budgets:
+                for m in ("accuracy", "rouge_l"):
+                    diff = paired_difference(per[f"{policy}@{k}"][m], per[f"static@{k}"][m], rng, config.n_boot)
+                    tests.append({"a": f"{policy}@{k}", "b": f"static@{k}", "budget": k, "metric": m, **asdict(diff)})
+    return {"n_samples": len(rows), "conditions": conds, "comparisons": tests,
+            "verdict": verdict([t for t in tests if t["a"].startswith("predicted@")])}
+
+
+def verdict(tests: list[dict]) -> str:
+    """The answer to 'does predicted beat static at equal budget, and from which budget on' (accuracy).
+
+    A budget is a win (a loss) when the paired accuracy difference is shown above (below) zero by the
+    rule every paired verdict uses (`stats.paired_verdict`: 95% bootstrap interval, Wilcoxon p < 0.05,
+    at least MIN_PAIRS samples): the interval alone calls a single lucky sample a win.
+    """
+    acc = sorted((t for t in tests if t["metric"] == "accuracy"), key=lambda t: t["budget"])
+    if not acc:
+        return "predicted vs static not compared (both policies are needed)"
+    calls = [paired_verdict(t) for t in acc]
+    if not all(c.comparable for c in calls):
+        return f"not comparable: {next(c for c in calls if not c.comparable).too_few('samples')}"
+    rule = (f"95% CI of the paired accuracy difference above 0, Wilcoxon p < {ALPHA:g} and at least "
+            f"{MIN_PAIRS} samples")
+    wins = [t["budget"] for t, c in zip(acc, calls) if c.outcome == ABOVE]
+    losses = [t["budget"] for t, c in zip(acc, calls) if c.outcome == BELOW]
+    if not wins:
+        return (f"predicted does not beat static at any budget (needs {rule})"
+                + (f"; static is better at k = {losses}" if losses else ""))
+    from_k = next((t["budget"] for i, t in enumerate(acc) if all(c.outcome == ABOVE for c in calls[i:])), None)
+    tail = f", at every budget from k = {from_k} on" if from_k is not None else ""
+    return f"predicted beats static at k = {wins} ({rule}){tail}"
+
+
+# --- internals -----------------------------------------------------------------------------
+def _check_disjoint(detection: RunDir, task: dict[str, Any], ids: set[str]) -> None:
+    """Refuse a detection run that traced any of the evaluated samples (same sample id from the same source)."""
+    source = lambda t: {k: v for k, v in t.items() if k not in _GRID_KEYS}  # noqa: E731
+    same_source = source(detection.config.get("task", {})) == source(json.loads(json.dumps(task)))
+    shared = sorted(detection.done_samples() & ids) if same_source else []
+    if shared:
+        raise ConfigError(f"detection run {detection.path} traced evaluated sample {shared[0]} "
+                          "(same task source); use a detection run with another --seed or other data")
+
+
+def _predictor(detection: RunDir, score, path: Path, seed: int):
+    """The probe of the predicted policy: loaded from `path` when a previous run saved it, else fitted and saved."""
+    from dynheads.analyses.probes import Probe, ProbeConfig, fit_probe
+
+    if path.exists():
+        return Probe.load(path)
+    records = detection.read_records()
+    # labels = the score's own activity rule (score.active), as 0/1 with threshold 0.5, so the probe's
+    # "score > threshold" matches it whatever comparison the registered score uses
+    active = score.active(records.array("score")).astype(np.float32)
+    config = ProbeConfig(offset=1, active_threshold=0.5, seed=seed)
+    probe = fit_probe(records.hidden(), active, records.sample_ids, records.step, config,
+                      np.random.default_rng(seed), meta={"detection": str(detection.path)})
+    probe.save(path)
+    return probe
+
+
+def _predictor_info(path: Path) -> dict | None:
+    info = path.with_name(path.name + ".json")
+    return {"path": str(path), **json.loads(info.read_text())["meta"]} if info.exists() else None
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
