@@ -94,7 +94,7 @@ class Retrieval:
 class RagResult:
     """One question under one strategy."""
 
-    strategy: str
+    strategy: str  # the head set's registry name
     token_ids: list[int]
     response: str
     retrievals: list[Retrieval]

@@ -30,9 +30,8 @@ from dynheads.rag import loop
 from dynheads.rag.modes import N_PASSAGES, retrieval_modes
 from dynheads.rag.retrievers import QUERY_WORDS, HeadWindowRetriever
 from dynheads.rag.trigger import RindTrigger
-from dynheads.runners.trace import score_answer
 from dynheads.runs import RunDir
-from dynheads.tasks.base import encode, resolve_prompt_style
+from dynheads.tasks.base import encode, get_task, resolve_prompt_style
 from dynheads.tasks.multihop import MultihopConfig, load_questions
 from dynheads.tracing.runner import Runner, run_samples
 from dynheads.tracing.tracer import TraceConfig, Tracer
@@ -115,10 +114,13 @@ def run_rag(lm: LoadedModel, settings: RagSettings, out: str | Path, static_rank
     if reg is not None and regressor is not None and Path(regressor).is_dir():
         reg.save(run.path / "results" / "regressor.pt")
     _check_shapes(ranking, reg, lm.layout)
-    strategy = lambda name: build(RAG.get(name), k=settings.n_heads, ranking=ranking, predictor=reg)  # noqa: E731
+    def strategy(name: str):  # its head set, built afresh for each question (a fixed random draw is per question)
+        return build(RAG.get(name), k=settings.n_heads, ranking=ranking, predictor=reg)
+
     for name in settings.strategies:  # every strategy's inputs are checked before the first question
         strategy(name)
     tracer = Tracer(lm, TraceConfig(stop_at_newline=style == "completion"))
+    task = get_task("multihop")
 
     def work(enc):
         prepared = loop.prepare(tracer, enc)
@@ -127,7 +129,7 @@ def run_rag(lm: LoadedModel, settings: RagSettings, out: str | Path, static_rank
             rng = np.random.default_rng([settings.seed, zlib.crc32(enc.sample.id.encode()), zlib.crc32(name.encode())])
             res = loop.run(tracer, enc, settings.trigger, mode, strategy(name), settings.loop, rng, prepared)
             arrays.update({f"{name}__{k}": v for k, v in res.arrays.items()})
-            per[name] = {"response": res.response, **score_answer(res.response, enc.sample),
+            per[name] = {"response": res.response, **task.metric(res.response, enc.sample),
                          "n_retrievals": len(res.retrievals), "n_drafts": res.n_drafts, "stopped": res.stopped,
                          "n_tokens": len(res.token_ids), "support_coverage": res.support_coverage,
                          "opened_fraction": res.opened_fraction, "retrievals": [asdict(r) for r in res.retrievals]}

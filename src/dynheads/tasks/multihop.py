@@ -151,8 +151,13 @@ def multihop_inputs(config: MultihopConfig) -> tuple[MultihopConfig, dict]:
     return config, {"data": fingerprint(config.data)}
 
 
+def check_config(config: MultihopConfig) -> None:
+    """The file, its layout, the prompt and the limit, checked by reading the questions (no model, no torch)."""
+    load_questions(config)
+
+
 @task("multihop", config=MultihopConfig, score="reasoning", span="support", metric=score_answer,
-      check=lambda config: load_questions(config), inputs=multihop_inputs)
+      check=check_config, inputs=multihop_inputs)
 def multihop_samples(tokenizer, config: MultihopConfig, max_positions: int | None = None) -> Iterator[EncodedSample]:
     """The file's questions, encoded (records whose supporting facts are missing are skipped); Eq. 2 on the
     supporting facts. `max_positions` is checked per sample by the run that traces them."""
