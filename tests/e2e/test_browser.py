@@ -112,7 +112,7 @@ def test_comparison_report_puts_reproductions_side_by_side(repro, browser, tmp_p
     assert "| statistic | paper (llama3.1-8b) | default | default (2) |" in md  # each reproduction named by its model
     page, errors = _page(browser, tmp_path / "cmp" / "report.html")
     captions = page.eval_on_selector_all("caption", "els => els.map(e => e.textContent)")
-    assert [c.split(" —")[0] for c in captions] == ["Claim 1", "Claim 2", "Claim 3", "Dynamic RAG"]
+    assert [c.split(" —")[0].split(" (")[0] for c in captions] == ["Claim 1", "Claim 2", "Claim 3", "Dynamic RAG"]
     verdicts = page.eval_on_selector_all("tbody tr:last-child td:nth-child(3)", "els => els.map(e => e.textContent)")
     assert len(verdicts) == 4 and all(v.split(":")[0] in {"reproduced", "not reproduced", "not comparable"}
                                       for v in verdicts)

@@ -283,16 +283,17 @@ def test_comparison_tables_put_models_side_by_side():
     from dynheads.report.compare import comparison_tables
 
     def data(model, dyn_acc):
-        acc = {"none": [1] * 8, "dynamic": dyn_acc, "static": [1, 0] * 4, "static_excluding_dynamic": [1] * 8,
-               "random": [1] * 8}
+        acc = {"none": [1] * 12, "dynamic": dyn_acc, "static": [1, 0] * 6, "static_excluding_dynamic": [1] * 12,
+               "random": [1] * 12}
         per = {c: {"accuracy": np.array(acc[c], float), "rouge_l": np.array(acc[c], float),
-                   "heads_masked_per_step": np.full(8, 1.0), "overlap_per_step": np.full(8, 0.5)} for c in CONDITIONS}
+                   "heads_masked_per_step": np.full(12, 1.0), "overlap_per_step": np.full(12, 0.5)} for c in CONDITIONS}
         return {"state": {"config": {"model": model}, "steps": {}},
                 "niah": {"samples": [], "dynamism": None, "cca": None, "probes": {}, "table1_ci": None},
-                "ablation": {"result": {**summarise(per, np.random.default_rng(0), 200), "n_samples": 8}},
+                "ablation": {"result": {**summarise(per, np.random.default_rng(0), 200), "n_samples": 12}},
                 "rag": {"result": None}}
 
-    datas = [data("default", [0] * 8), data("gemma3-270m", [1] * 8)]
+    # 12 pairs: above the paired verdicts' minimum, so each model gets a real verdict
+    datas = [data("default", [0] * 12), data("gemma3-270m", [1] * 12)]
     names = ["default", "gemma3-270m"]
     verdicts = {n: vd.all_verdicts(d) for n, d in zip(names, datas)}
     tables = comparison_tables(datas, names, verdicts)
