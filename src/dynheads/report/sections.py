@@ -201,5 +201,9 @@ def _table4(data) -> Section:
 
 
 def _model_name(data) -> str:
+    """A named model's title (`--model gemma3-270m`), else the model folder's or file's name."""
+    from dynheads.model_packages import named_model
+
     model = (data.get("config") or {}).get("model", {})
-    return Path(str(model.get("path") or model.get("source") or "model")).name
+    named = named_model(str(model.get("source")))
+    return named.title if named else Path(str(model.get("path") or model.get("source") or "model")).name

@@ -304,3 +304,12 @@ def test_comparison_tables_put_models_side_by_side():
     assert rows["verdict"][2].startswith(verdicts["default"][1].verdict)
     assert rows["verdict"][3].startswith("not reproduced")  # masking D_t changed nothing on the second "model"
     assert tables[0].rows == [["verdict", "–"] + [f"{v[0].verdict}: {v[0].reason}" for v in verdicts.values()]]
+
+
+def test_table1_names_a_named_model_by_its_title():
+    from dynheads.report.sections import _model_name
+
+    assert _model_name({"config": {"model": {"source": "gemma3-270m", "path": "/c/gemma-3-270m-q4_k_m.gguf"}}}) \
+        == "Gemma 3 270M base (Q4_K_M GGUF)"
+    assert _model_name({"config": {"model": {"source": "/models/llama-3.1-8b", "path": "/models/llama-3.1-8b"}}}) \
+        == "llama-3.1-8b"
