@@ -24,7 +24,8 @@ def runs(tmp_path_factory):
     det = _dynheads("niah", "--lengths", "400", "--depths", "0,100", "--samples-per-cell", "1", "--seed", "1", *SHORT,
                     "--out", root / "det")
     assert det.returncode == 0, det.stderr
-    run = _dynheads("sparse", "--detection", root / "det", "--policies", "static,predicted", "--budgets", "4,16",
+    run = _dynheads("sparse", "--detection", root / "det", "--policies", "full,streaming,static,random,oracle,predicted",
+                    "--budgets", "4",
                     "--lengths", "400", "--depths", "50", "--samples-per-cell", "1", "--n-boot", "200", *SHORT,
                     "--out", root / "sparse")
     assert run.returncode == 0, run.stderr
@@ -36,16 +37,18 @@ def test_sparse_writes_conditions_kv_read_tests_and_figure(runs):
     out = root / "sparse"
     assert proc.stdout.strip().splitlines()[-1] == str(out) and "verdict:" in proc.stdout
     result = json.loads((out / "results" / "sparse.json").read_text())
-    assert set(result["conditions"]) == {"static@4", "static@16", "predicted@4", "predicted@16"}
-    assert [(t["budget"], t["metric"]) for t in result["comparisons"]] == \
-        [(4, "accuracy"), (4, "rouge_l"), (16, "accuracy"), (16, "rouge_l")]
+    assert set(result["conditions"]) == {"full", "streaming", "static@4", "random@4", "oracle@4", "predicted@4"}
+    assert [(t["a"], t["metric"]) for t in result["comparisons"]] == \
+        [(f"{p}@4", m) for p in ("predicted", "oracle") for m in ("accuracy", "rouge_l")]
     assert (out / "predictor.pt").exists() and result["predictor"]["detection"] == str(root / "det")
     assert (out / "figures" / "sparse_accuracy_vs_kv.png").stat().st_size > 5_000
     sample = json.loads((out / "samples" / "niah-400-50-0.json").read_text())
     prompt = sample["prompt_tokens"]
     with np.load(out / "records" / "niah-400-50-0.npz") as z:
-        for cond, k in (("static@4", 4), ("predicted@16", 16)):
+        for cond, k in (("static@4", 4), ("predicted@4", 4), ("random@4", 4), ("oracle@4", 4)):
             opened = z[f"{cond}__open"]
+            n_steps = sample["conditions"][cond]["n_steps"]
+            assert len(opened) in (n_steps, n_steps + 1)  # every step that ran: the answer's and the stop step
             assert opened.shape[1:] == (30, 3) and (opened.reshape(len(opened), -1).sum(1) == k).all()
             # every step: k KV heads read all n keys, the other 90 − k read S + W
             expected = np.mean([(k * n + (90 - k) * (SINK + RECENT)) / (90 * n)
@@ -53,6 +56,11 @@ def test_sparse_writes_conditions_kv_read_tests_and_figure(runs):
             assert sample["conditions"][cond]["kv_read"] == pytest.approx(expected)
             assert len(z[f"{cond}__token_id"]) == sample["conditions"][cond]["n_steps"]
         assert (z["static@4__open"] == z["static@4__open"][0]).all()  # the same heads at every step
+        # the oracle's real step score (copy-paste on the needle, from the step's own dense pass) moves its heads
+        assert len({o.tobytes() for o in z["oracle@4__open"]}) > 1
+        assert not z["streaming__open"].any() and z["full__open"].all()
+    assert sample["conditions"]["full"]["kv_read"] == 1.0
+    assert sample["conditions"]["streaming"]["kv_read"] < sample["conditions"]["static@4"]["kv_read"]
 
 
 def test_a_detection_run_of_the_same_samples_is_refused(runs):
@@ -80,3 +88,18 @@ def test_sparse_runs_on_multi_needle_niah(runs):
     assert sample["conditions"]["full"]["kv_read"] == 1.0
     result = json.loads((out / "results" / "sparse.json").read_text())
     assert result["n_samples"] == 1 and set(result["conditions"]) == {"full", "static@16"}
+
+
+def test_a_resumed_run_whose_detection_ranking_changed_is_refused(runs):
+    """The detection folder lost (or gained) a sample: another static ranking, so the resumed run must not mix two."""
+    import shutil
+
+    root, _ = runs
+    det = root / "det-changing"
+    shutil.copytree(root / "det", det)
+    args = ["sparse", "--detection", det, "--policies", "static", "--budgets", "4", "--lengths", "400", "--depths",
+            "50", "--samples-per-cell", "1", "--n-boot", "50", *SHORT, "--out", root / "resumed"]
+    assert _dynheads(*args).returncode == 0
+    for f in [*(det / "samples").glob("niah-400-0-*"), *(det / "records").glob("niah-400-0-*")]:
+        f.unlink()
+    assert_one_line_error(_dynheads(*args), "static_ranking")

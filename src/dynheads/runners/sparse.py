@@ -16,6 +16,7 @@ run reuses it. A detection run that shares a sample with the evaluated ones is r
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import asdict, dataclass, replace
@@ -102,7 +103,7 @@ def sparse_sample(tracer: Tracer, encoded: EncodedSample, config: SparseConfig, 
         arrays[f"{cond}__token_id"] = np.asarray(trace.token_ids, np.int64)
         arrays[f"{cond}__open"] = opened
         results[cond] = {"response": response, "n_steps": len(trace.token_ids), **scores,
-                         "kv_read": float(np.mean(kv)) if kv else 1.0,
+                         "kv_read": float(np.mean(kv)),  # every step that ran, the stop step included
                          "opened": [int(o.sum()) for o in opened]}
     return arrays, {"prompt_tokens": encoded.prompt_len, "conditions": results}
 
@@ -130,17 +131,22 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
     detection = RunDir.open(Path(config.detection).expanduser(), what="detection run")
     det_cfg = detection.config
     ids = {e.sample.id for e in samples}
+    task_config = _task_of(task_config).inputs(task_config)[0]  # paths resolved, as the detection run stores them
     task = asdict(task_config)
-    _check_disjoint(detection, task, ids)
+    _check_disjoint(detection, task_config, ids)
     ranking, source = ranking_from_run(detection, lm.layout, task_config, ids, what="detection run")
     if config.static_ranking is not None:
         ranking, source = load_static_ranking(config.static_ranking, lm, task_config, ids, task_config, Path(out),
                                               trace, quiet)
-    score = get_score(det_cfg["score"]["name"])
-    span = det_cfg["score"].get("args", {}).get("span", "needle")
+    score_args = det_cfg["score"].get("args", {})
+    score = get_score(det_cfg["score"]["name"]).with_args(**score_args)  # the oracle scores steps on the run's span
+    span = score_args.get("span", "needle")
     trace = replace(trace, record_rows=False, record_hidden="predicted" in config.policies,
                     mass_spans=tuple(dict.fromkeys(score.mass_spans + (span,))))
-    run = RunDir.create(out, run_config("sparse", lm, config.seed, task=task, trace=trace, sparse=config))
+    # the ranking's fingerprint: a resumed run whose detection folder gained samples (another ranking) is refused
+    ranking_entry = {"source": source, "sha256": hashlib.sha256(np.ascontiguousarray(ranking, np.float64)).hexdigest()}
+    run = RunDir.create(out, run_config("sparse", lm, config.seed, task=task, trace=trace, sparse=config,
+                                        static_ranking=ranking_entry))
     inputs = {"shape": shape, "ranking": ranking, "score": score, "span": span}
     if "predicted" in config.policies:
         inputs["predictor"] = _predictor(detection, score, run.path / "predictor.pt", config.seed)
@@ -158,10 +164,13 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
 
 def summarise(rows: list[dict], config: SparseConfig) -> dict:
     """Per condition: mean and 95% bootstrap CI of accuracy, ROUGE-L, KV read; predicted (and oracle) − static."""
-    rng = sample_rng(config.seed, "sparse-stats")
+
+    def rng(key: str) -> np.random.Generator:  # one generator per interval and test: adding one moves no other
+        return sample_rng(config.seed, f"sparse-stats/{key}")
+
     per = {c: {m: np.array([r["conditions"][c][m] for r in rows], float) for m in METRICS + ("f1",)
                if m in rows[0]["conditions"][c]} for c, _, _ in conditions(config)}
-    conds = {c: {"policy": p, "budget": k, **{m: asdict(bootstrap_ci(v, rng, config.n_boot)) for m, v in per[c].items()}}
+    conds = {c: {"policy": p, "budget": k, **{m: asdict(bootstrap_ci(v, rng(f"{c}/{m}"), config.n_boot)) for m, v in per[c].items()}}
              for c, p, k in conditions(config)}
     tests = []
     # predicted − static answers the question; oracle − static is the headroom any dynamic policy has there.
@@ -169,7 +178,8 @@ def summarise(rows: list[dict], config: SparseConfig) -> dict:
         if {policy, "static"} <= set(config.policies):
             for k in config.budgets:
                 for m in ("accuracy", "rouge_l"):
-                    diff = paired_difference(per[f"{policy}@{k}"][m], per[f"static@{k}"][m], rng, config.n_boot)
+                    diff = paired_difference(per[f"{policy}@{k}"][m], per[f"static@{k}"][m],
+                                             rng(f"{policy}@{k}-static@{k}/{m}"), config.n_boot)
                     tests.append({"a": f"{policy}@{k}", "b": f"static@{k}", "budget": k, "metric": m, **asdict(diff)})
     return {"n_samples": len(rows), "conditions": conds, "comparisons": tests,
             "verdict": verdict([t for t in tests if t["a"].startswith("predicted@")])}
@@ -201,14 +211,39 @@ def verdict(tests: list[dict]) -> str:
 
 
 # --- internals -----------------------------------------------------------------------------
-def _check_disjoint(detection: RunDir, task: dict[str, Any], ids: set[str]) -> None:
-    """Refuse a detection run that traced any of the evaluated samples (same sample id from the same source)."""
-    source = lambda t: {k: v for k, v in t.items() if k not in _GRID_KEYS}  # noqa: E731
-    same_source = source(detection.config.get("task", {})) == source(json.loads(json.dumps(task)))
-    shared = sorted(detection.done_samples() & ids) if same_source else []
+def _check_disjoint(detection: RunDir, task_config: Any, ids: set[str]) -> None:
+    """Refuse a detection run that traced any of the evaluated samples (same sample id from the same source).
+
+    The source is the task config without its grid, with each input file compared by resolved path *or*
+    content hash (a relative or copied path to the same data is the same source); whenever the source is
+    the same, the sample ids are compared.
+    """
+    resolved, files = _task_of(task_config).inputs(task_config)
+    det_task, det_files = detection.config.get("task", {}), detection.config.get("inputs") or {}
+    ours = {k: v for k, v in json.loads(json.dumps(asdict(resolved))).items() if k not in _GRID_KEYS and k not in files}
+    theirs = {k: v for k, v in det_task.items() if k not in _GRID_KEYS and k not in files}
+    same_files = set(files) == set(det_files) and all(_same_input(files[k], det_files[k]) for k in files)
+    shared = sorted(detection.done_samples() & ids) if same_files and ours == theirs else []
     if shared:
         raise ConfigError(f"detection run {detection.path} traced evaluated sample {shared[0]} "
                           "(same task source); use a detection run with another --seed or other data")
+
+
+def _same_input(a: dict | None, b: dict | None) -> bool:
+    """Two input fingerprints ({path, sha256}, or None for a built-in default) name the same data."""
+    if not a or not b:
+        return a == b
+    return a.get("path") == b.get("path") or a.get("sha256") == b.get("sha256")
+
+
+def _task_of(task_config: Any):
+    """The registered task whose config class `task_config` is."""
+    from dynheads.tasks.base import get_task, tasks
+
+    found = [get_task(name) for name in tasks.names() if isinstance(task_config, get_task(name).config)]
+    if not found:
+        raise ConfigError(f"no registered task takes a {type(task_config).__name__}")
+    return found[0]
 
 
 def _predictor(detection: RunDir, score, path: Path, seed: int):

@@ -84,7 +84,7 @@ class Trace:
     stop_id: int | None
     clean: list[StepView] | None = None
     masks: list[np.ndarray] | None = None
-    open_heads: list[np.ndarray] | None = None  # head-sparse decoding: bool [layers, units] per kept step
+    open_heads: list[np.ndarray] | None = None  # head-sparse decoding: bool [layers, units] per step run (the stop step too)
     shape: tuple[int, int] = (0, 0)  # (layers, heads)
 
     @property
@@ -186,7 +186,7 @@ class Tracer:
         if intervention is not None and stop_id is not None:
             clean_steps.pop(), masks.pop()  # the stop step is not an answer token
         trace = Trace(kept, stop_id, clean_steps if intervention else None, masks if intervention else None,
-                      opened[:len(kept)] if heads is not None else None, self.lm.layout.shape)
+                      opened if heads is not None else None, self.lm.layout.shape)
         if fork:
             self.rewind(state, start_ids)
         return trace

@@ -1,4 +1,6 @@
 """The sparse runner's conditions, generators, summary and verdict; the detection-run overlap refusal."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -38,9 +40,7 @@ def test_summary_adds_oracle_headroom_after_the_predicted_rows():
     without = summarise(rows, SparseConfig("det", ("static", "predicted"), (2,), n_boot=500))
     assert [(t["a"], t["metric"]) for t in with_oracle["comparisons"]] == [
         ("predicted@2", "accuracy"), ("predicted@2", "rouge_l"), ("oracle@2", "accuracy"), ("oracle@2", "rouge_l")]
-    same = ("mean_difference", "p_value", "n", "n_nonzero")  # the bootstrap draws follow the conditions present
-    assert [{f: t[f] for f in same} for t in with_oracle["comparisons"][:2]] == \
-        [{f: t[f] for f in same} for t in without["comparisons"]]
+    assert with_oracle["comparisons"][:2] == without["comparisons"]  # intervals too: one generator per test
     oracle = with_oracle["comparisons"][2]
     assert oracle["mean_difference"] == pytest.approx(4 / 6) and oracle["n_nonzero"] == 4
     assert with_oracle["verdict"] == without["verdict"]
@@ -77,10 +77,56 @@ def test_verdict_on_too_few_samples_is_not_comparable():
     assert verdict([_row(4, 1.0, 1.0, 0.002, n=9)]).startswith("not comparable: n = 9 samples")
 
 
+def _detection(path, kind, config):
+    """A detection run folder as `niah`/`multihop` store it: the resolved task and its input fingerprints."""
+    from dataclasses import asdict
+
+    from dynheads.runners.sparse import _task_of
+
+    resolved, files = _task_of(config).inputs(config)
+    return RunDir.create(path, {"kind": kind, "task": asdict(resolved), "inputs": files})
+
+
 def test_a_detection_run_with_the_evaluated_samples_is_refused(tmp_path):
-    task = {"lengths": [400], "depths": [50.0], "samples_per_cell": 1, "haystack": None, "needles": None, "seed": 0}
-    det = RunDir.create(tmp_path / "det", {"kind": "niah", "task": task})
+    from dynheads.tasks.niah import NiahConfig
+
+    task = NiahConfig(lengths=(400,), depths=(50.0,), samples_per_cell=1, seed=0)
+    det = _detection(tmp_path / "det", "niah", task)
     det.write_sample("niah-400-50-0", {"token_id": np.zeros(1, np.int64)}, {})
     with pytest.raises(ConfigError, match="traced evaluated sample niah-400-50-0"):
-        _check_disjoint(det, {**task, "lengths": (400, 800)}, {"niah-400-50-0"})
-    _check_disjoint(det, {**task, "seed": 1}, {"niah-400-50-0"})  # another seed: other needles, allowed
+        _check_disjoint(det, replace(task, lengths=(400, 800)), {"niah-400-50-0"})
+    _check_disjoint(det, replace(task, seed=1), {"niah-400-50-0"})  # another seed: other needles, allowed
+
+
+def test_the_same_multihop_file_by_a_relative_path_or_a_copy_is_the_same_source(tmp_path, monkeypatch):
+    """The detection run stores the resolved path; a relative path (or a copy) to the same file must not slip past."""
+    import shutil
+
+    from dynheads.tasks.multihop import MultihopConfig
+
+    data = tmp_path / "data" / "hotpot.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"_id": "q1"}\n{"_id": "q2"}\n')  # only its path and content matter here
+    det = _detection(tmp_path / "det", "multihop", MultihopConfig(str(data), 3))
+    det.write_sample("q2", {"token_id": np.zeros(1, np.int64)}, {})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="traced evaluated sample q2"):
+        _check_disjoint(det, MultihopConfig("data/hotpot.jsonl", 3), {"q2"})
+    shutil.copy(data, tmp_path / "copy.jsonl")
+    with pytest.raises(ConfigError, match="traced evaluated sample q2"):
+        _check_disjoint(det, MultihopConfig("copy.jsonl", 3), {"q2"})
+    (tmp_path / "other.jsonl").write_text(data.read_text().splitlines()[0] + "\n")
+    _check_disjoint(det, MultihopConfig("other.jsonl", 3), {"q2"})  # other data: its ids are other questions
+
+
+def test_each_interval_and_test_has_its_own_generator():
+    """Adding a condition (oracle) moves no interval of the others: each draws from its own seed."""
+    acc = {"static@2": [0, 0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 1], "predicted@2": [1, 0, 1, 0, 1, 1, 0, 0, 1, 1, 0, 1],
+           "oracle@2": [1] * 12}
+    rows = [{"conditions": {c: {"accuracy": float(v[i]), "rouge_l": float(v[i]) / 2, "kv_read": 0.2}
+                            for c, v in acc.items()}} for i in range(12)]
+    with_oracle = summarise(rows, SparseConfig("det", ("static", "predicted", "oracle"), (2,), n_boot=300))
+    without = summarise(rows, SparseConfig("det", ("static", "predicted"), (2,), n_boot=300))
+    assert with_oracle["comparisons"][:2] == without["comparisons"]
+    for cond in ("static@2", "predicted@2"):
+        assert with_oracle["conditions"][cond] == without["conditions"][cond]

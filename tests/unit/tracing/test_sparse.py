@@ -132,3 +132,15 @@ def test_kv_read_fraction_counts_sinks_and_window_of_closed_heads():
     assert q.kv_read(np.array([[True, False, False, False], [False, False, False, False]]), 100, 2) == \
         pytest.approx((100 + 3 * 20) / 400)
     assert s.kv_read(np.zeros((2, 2), bool), 10, 2) == 1.0  # short context: everything is read anyway
+
+
+def test_the_stop_step_is_counted_among_the_steps_that_ran():
+    """An answer that ends at step 0 still ran (and read the cache for) one sparse step: it is in open_heads."""
+    lm = make_tiny_lm("llama")
+    tracer = Tracer(lm, TraceConfig(max_new_tokens=NEW, record_rows=False))
+    state = tracer.prefill(_ids())
+    first = tracer.generate(state, heads=lambda t, prev, full: np.ones((2, 2), bool), sparsity=Sparsity(SINK, RECENT))
+    tracer.stop_ids = {first.token_ids[0]}  # the first token now ends the answer
+    trace = tracer.generate(state, heads=lambda t, prev, full: np.ones((2, 2), bool), sparsity=Sparsity(SINK, RECENT))
+    assert trace.token_ids == [] and trace.stop_id == first.token_ids[0]
+    assert len(trace.open_heads) == 1 and trace.open_heads[0].all()
