@@ -23,12 +23,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from dynheads.errors import ModelError
 from dynheads.interventions.methods import ablations
 from dynheads.models import LoadedModel, end_of_turn_ids
 from dynheads.tracing.attention import StepHooks, reduce_rows, tracing
+from dynheads.tracing.cache import croppable_cache, ensure_capacity
 from dynheads.tracing.sparse import Sparsity
 
 
@@ -118,8 +118,8 @@ class Tracer:
     # --- prefill -----------------------------------------------------------------------
     def prefill(self, input_ids: list[int], spans: dict[str, list[tuple[int, int]]] | None = None,
                 hidden_keys: np.ndarray | None = None) -> DecodeState:
-        """Run all prompt tokens but the last through SDPA into a fresh KV cache."""
-        cache = croppable_cache(self.lm.model.config)
+        """Run all prompt tokens but the last through SDPA into a fresh KV cache (with room for the answer)."""
+        cache = croppable_cache(self.lm.model.config, reserve=len(input_ids) - 1 + self.config.max_new_tokens)
         state = DecodeState(list(input_ids), cache, dict(spans or {}), hidden_keys)
         self.extend(state, [], hidden_keys=hidden_keys)
         return state
@@ -151,6 +151,7 @@ class Tracer:
         if heads is not None and (intervention is not None or self.config.record_rows):
             raise ModelError("head-sparse decoding takes no intervention and needs TraceConfig(record_rows=False)")
         start_ids = len(state.ids)
+        ensure_capacity(state.cache, start_ids - 1 + limit)  # the cache holds all ids but the last
         ablate_fn = ablations.get(ablation)
         kept: list[StepView] = []
         clean_steps: list[StepView] = []
@@ -270,21 +271,6 @@ def input_device(model) -> torch.device:
     hook = getattr(embeddings, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
     return torch.device(device) if device is not None else embeddings.weight.device
-
-
-def croppable_cache(config) -> DynamicCache:
-    """A DynamicCache that can be cropped at any length, so prefills can be forked and steps re-run.
-
-    transformers' sliding-window layers drop keys once the window is full and then cannot be cropped;
-    here they are plain layers that keep every key. The window is still applied, by the attention
-    mask, so outputs are those of the stock cache; the cost is memory for keys outside the window.
-    """
-    cache = DynamicCache(config=config)
-    cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
-    if not cache.is_croppable:
-        raise ModelError(f"{config.model_type}: its cache cannot be cropped (linear-attention or other "
-                         "recurrent layers), so prefills cannot be forked")
-    return cache
 
 
 def _as_mask(hidden_keys: np.ndarray | None, length: int) -> torch.Tensor | None:
