@@ -35,7 +35,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dynheads.errors import ModelError
-from dynheads.tracing.sparse import Sparsity, sparse_attention
+from dynheads.tracing.sparse import HeadSplit, Sparsity, sparse_attention
 
 NAME_PREFIX = "dynheads_"  # registered as dynheads_<stock>: the mask builder must be the stock one's
 _HOOK_ATTR = "_dynheads_hooks"
@@ -65,7 +65,7 @@ class StepHooks:
     head_mask: torch.Tensor | None = None  # bool [layers, heads]: heads to ablate at the newest row
     ablation: AblationFn | None = None
     hidden_keys: torch.Tensor | None = None  # bool [seq_len]: keys no query of this call may see
-    open_heads: torch.Tensor | None = None  # bool [layers, units]: head-sparse decoding, heads that read all keys
+    open_heads: list[HeadSplit] | None = None  # head-sparse decoding: per layer, the heads that read all keys
     sparsity: Sparsity | None = None  # what closed heads read (with open_heads)
     captured: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> newest row [heads, S] fp32
     stock: str = "sdpa"  # the model's own attention implementation (set by `tracing()`)

@@ -29,7 +29,7 @@ from dynheads.interventions.methods import ablations
 from dynheads.models import LoadedModel, end_of_turn_ids
 from dynheads.tracing.attention import StepHooks, reduce_rows, tracing
 from dynheads.tracing.cache import croppable_cache, ensure_capacity
-from dynheads.tracing.sparse import Sparsity
+from dynheads.tracing.sparse import Sparsity, plan_step
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,8 @@ class Tracer:
                      open_heads: tuple[np.ndarray, Sparsity] | None = None) -> StepView:
             seq_len = state.cache.get_seq_length() + 1
             hooks.seq_len, hooks.captured, hooks.record = seq_len, {}, record and open_heads is None
-            hooks.open_heads = None if open_heads is None else torch.from_numpy(open_heads[0])
+            hooks.open_heads = None if open_heads is None else plan_step(
+                open_heads[0], open_heads[1], self.lm.layout.n_heads, self.lm.layout.n_kv_heads)
             hooks.sparsity = None if open_heads is None else open_heads[1]
             hooks.head_mask = None if mask is None else torch.from_numpy(mask)
             hooks.ablation = ablate_fn

@@ -132,3 +132,83 @@ def test_kv_read_fraction_counts_sinks_and_window_of_closed_heads():
     assert q.kv_read(np.array([[True, False, False, False], [False, False, False, False]]), 100, 2) == \
         pytest.approx((100 + 3 * 20) / 400)
     assert s.kv_read(np.zeros((2, 2), bool), 10, 2) == 1.0  # short context: everything is read anyway
+
+
+# --- the gather: views for open heads, S + W copies for closed ones, same bits as a plain index gather ---
+def _index_gather_reference(stock, module, query, key, value, attention_mask, split, sparsity, scaling, dropout, kwargs):
+    """The first implementation: index-gather every head set (copies the open heads' whole cache)."""
+    open_units = torch.from_numpy(split.units)
+    n_heads, n_kv, n_keys = query.shape[1], key.shape[1], key.shape[-2]
+    groups = n_heads // n_kv
+    head_open = open_units.repeat_interleave(groups) if sparsity.unit == "kv" else open_units
+    if query.shape[-2] != 1 or n_keys <= sparsity.window or bool(head_open.all()):
+        return None
+    keep = torch.cat([torch.arange(sparsity.sink), torch.arange(n_keys - sparsity.recent, n_keys)])
+    out = query.new_empty(query.shape[0], 1, n_heads, query.shape[-1])
+    for is_open, columns in ((True, None), (False, keep)):
+        heads = torch.nonzero(head_open == is_open).flatten()
+        if not heads.numel():
+            continue
+        kv, mod = (heads[::groups] // groups, module) if sparsity.unit == "kv" else (heads // groups, _PerQuery(module))
+        k, v, mask = key, value, attention_mask
+        if columns is not None:
+            k, v = k[:, :, columns], v[:, :, columns]
+            mask = None if mask is None else mask[..., :n_keys][..., columns]
+        mask = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
+        out[:, :, heads] = stock(mod, query[:, heads], k[:, kv], v[:, kv], mask, scaling=scaling, dropout=dropout,
+                                 **kwargs)[0]
+    return out, None
+
+
+class _PerQuery:
+    num_key_value_groups = 1
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text", "mistral"])
+def test_gather_gives_the_bits_of_an_index_gather(family, monkeypatch):
+    import dynheads.tracing.attention as attention_module
+    from dynheads.conformance import build_tiny
+    from dynheads.heads import HeadLayout
+    from dynheads.models import LoadedModel
+
+    model = build_tiny(family)
+    lm = LoadedModel(model, None, HeadLayout.from_config(model.config), family, "", family)
+    layers, kv, heads = lm.layout.n_layers, lm.layout.n_kv_heads, lm.layout.n_heads
+
+    def run():
+        tracer = Tracer(lm, TraceConfig(max_new_tokens=NEW, record_rows=False))
+        tracer.stop_ids = set()
+        out = []
+        for unit, width in (("kv", kv), ("query", heads)):
+            for p in (0.0, 0.3, 0.6):
+                rng = np.random.default_rng(int(p * 10))
+                trace = tracer.generate(tracer.prefill(_ids()), heads=lambda t, prev, full: rng.random((layers, width)) < p,
+                                        sparsity=Sparsity(SINK, RECENT, unit))
+                out.append(trace.arrays())
+        return out
+
+    fast = run()
+    monkeypatch.setattr(attention_module, "sparse_attention", _index_gather_reference)
+    for a, b in zip(run(), fast):
+        assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_open_heads_read_the_cache_through_a_view_and_closed_heads_copy_only_sinks_and_window():
+    cache_k, cache_v = torch.randn(1, 3, 100, 8), torch.randn(1, 3, 100, 8)
+    key, value = cache_k[:, :, :60], cache_v[:, :, :60]  # the in-place cache's views
+    calls = []
+
+    def stock(module, q, k, v, mask, **kw):
+        calls.append((q.shape[1], k.shape[-2], k.untyped_storage().data_ptr() == cache_k.untyped_storage().data_ptr()))
+        return torch.zeros(1, 1, q.shape[1], 8), None
+
+    q = torch.randn(1, 6, 1, 8)
+    module = type("M", (), {"num_key_value_groups": 2})()
+    sparse_attention(stock, module, q, key, value, None, torch.tensor([True, True, False]), Sparsity(4, 8), 1.0, 0.0, {})
+    assert calls == [(4, 60, True), (2, 12, False)]  # 2 open KV heads: a view; 1 closed: its 12 keys copied
