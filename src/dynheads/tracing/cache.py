@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from dynheads.errors import ModelError
 
 GROWTH = 1.25  # an update past the buffer grows it by at least this factor (amortised copies when RAG extends)
+PREFILL_CHUNK = 8192  # longer prefills run in chunks (a multiple of 512; every prompt up to 8K stays one call)
 
 
 class InPlaceLayer(DynamicLayer):
@@ -115,3 +116,13 @@ def ensure_capacity(cache: DynamicCache, tokens: int) -> None:
     for layer in cache.layers:
         if isinstance(layer, InPlaceLayer):
             layer.ensure_capacity(tokens)
+
+
+def prefill_chunks(start: int, end: int, chunk: int | None = None) -> list[tuple[int, int]]:
+    """[lo, hi) ranges that bring a cache from `start` to `end` tokens: one call up to `chunk` tokens,
+    else calls ending at multiples of `chunk` (a multiple of 512: SDPA's CPU key-block size)."""
+    chunk = chunk or PREFILL_CHUNK
+    if end - start <= chunk:
+        return [(start, end)]
+    bounds = [start, *range((start // chunk + 1) * chunk, end, chunk), end]
+    return list(zip(bounds[:-1], bounds[1:]))

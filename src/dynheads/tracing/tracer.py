@@ -28,7 +28,7 @@ from dynheads.errors import ModelError
 from dynheads.interventions.methods import ablations
 from dynheads.models import LoadedModel, end_of_turn_ids
 from dynheads.tracing.attention import StepHooks, reduce_rows, tracing
-from dynheads.tracing.cache import croppable_cache, ensure_capacity
+from dynheads.tracing.cache import croppable_cache, ensure_capacity, prefill_chunks
 from dynheads.tracing.sparse import Sparsity, plan_step
 
 
@@ -125,15 +125,27 @@ class Tracer:
         return state
 
     def extend(self, state: DecodeState, new_ids: list[int], hidden_keys: np.ndarray | None = None) -> None:
-        """Append tokens and bring the cache up to all but the last id (chunked prefill)."""
+        """Append tokens and bring the cache up to all but the last id.
+
+        Under SDPA, more than PREFILL_CHUNK (cache.py) tokens go through the model in chunks that end
+        at multiples of it: a 32K-token prompt then never builds SDPA's [32K, 32K] mask (1 GiB
+        as bool, 4 GiB as the float mask the CPU kernel converts it to), and sliding-window layers
+        compute only the key blocks up to each chunk's end instead of all of them behind the mask.
+        The keys and values are bit-identical to one call (tested): every chunk ends on SDPA's
+        512-key block boundary, so each query row sums the same blocks in the same order, plus exact
+        zeros. Eager attention runs in one call: its softmax row grows with the chunk's keys, and a
+        term appended after them (gpt_oss's sinks) lands in another vector lane (not bit-identical).
+        """
         state.ids.extend(new_ids)
-        todo = state.ids[state.cache.get_seq_length(): len(state.ids) - 1]
-        if not todo:
+        start, end = state.cache.get_seq_length(), len(state.ids) - 1
+        if start >= end:
             return
-        hooks = StepHooks(seq_len=len(state.ids) - 1, hidden_keys=_as_mask(hidden_keys, len(state.ids) - 1))
+        hooks = StepHooks(seq_len=end, hidden_keys=_as_mask(hidden_keys, end))
         with tracing(self.lm.model, hooks), torch.inference_mode():
-            self.lm.model(input_ids=torch.tensor([todo], device=self.device), cache=state.cache,
-                          use_cache=True, logits_to_keep=1)
+            for lo, hi in prefill_chunks(start, end) if hooks.stock == "sdpa" else [(start, end)]:
+                hooks.seq_len = hi
+                self.lm.model(input_ids=torch.tensor([state.ids[lo:hi]], device=self.device), cache=state.cache,
+                              use_cache=True, logits_to_keep=1)
         self._check_coverage(hooks.layers_seen)
 
     # --- decoding ----------------------------------------------------------------------
