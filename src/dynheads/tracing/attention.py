@@ -43,6 +43,7 @@ STOCK_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_
 # Keyword arguments that change the attention scores, and how each stock implementation treats them.
 _SCORE_TERMS = {"softcap", "s_aux", "position_bias", "sinks", "indices", "block_indices"}
 _EXPLICIT_TERMS = {"sdpa": {"position_bias"}, "flash": {"softcap", "s_aux"}}
+KEY_BLOCK = 512  # SDPA's CPU kernel reads keys in blocks of 512 (its kv split size)
 _IGNORED_BY = {"sdpa": {"s_aux": "transformers' SDPA path ignores attention sinks (s_aux)",
                         "softcap": "transformers' SDPA path cannot apply the logit soft-cap"}}
 
@@ -84,6 +85,7 @@ def traced_attention(module, query, key, value, attention_mask, scaling=None, dr
     if hooks.hidden_keys is not None:
         attention_mask = _with_hidden_keys(attention_mask, hooks, query, key.shape[-2])
     stock = _stock_function(module, hooks.stock)
+    skip = _hidden_blocks(attention_mask, query, key.shape[-2]) if hooks.stock == "sdpa" else 0
     if hooks.open_heads is not None:
         if hooks.stock.startswith("flash"):
             raise ModelError("head-sparse decoding needs eager or sdpa attention, not flash")
@@ -92,7 +94,12 @@ def traced_attention(module, query, key, value, attention_mask, scaling=None, dr
         if sparse is not None:
             return sparse
     wants_row = hooks.record or hooks.head_mask is not None
-    out, weights = stock(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if skip:  # the leading key blocks the mask hides entirely: same output without reading them
+        seen = attention_mask[..., skip:key.shape[-2]]
+        out, weights = stock(module, query, key[:, :, skip:], value[:, :, skip:], seen, scaling=scaling,
+                             dropout=dropout, **kwargs)
+    else:
+        out, weights = stock(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if not wants_row:
         return out, weights
     if hooks.stock == "eager":
@@ -101,7 +108,7 @@ def traced_attention(module, query, key, value, attention_mask, scaling=None, dr
         probs = weights[0, :, -1, :].float()  # [H, S]
     else:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        probs = _explicit_row(query, key, attention_mask, scale, kwargs)  # [H, S] fp32
+        probs = _explicit_row(query, key, attention_mask, scale, kwargs, skip)  # [H, S] fp32
     if key.shape[-2] != hooks.seq_len:
         raise ModelError(f"{type(module).__name__}: its cache holds {key.shape[-2]} keys for {hooks.seq_len} "
                          "positions; dynheads needs a cache that keeps every key")
@@ -191,26 +198,46 @@ def _check_terms(stock: str, module, kwargs: dict) -> None:
                              f"recorded row under {stock}; load the model with attn_implementation='eager'")
 
 
-def _explicit_row(query, key, attention_mask, scale, terms: dict) -> torch.Tensor:
-    """Softmax weights of the last query row of every query head, fp32, [H, S], with the stock terms."""
+def _explicit_row(query, key, attention_mask, scale, terms: dict, skip: int = 0) -> torch.Tensor:
+    """Softmax weights of the last query row of every query head, fp32, [H, S], with the stock terms.
+
+    skip: leading keys the mask hides (their scores are -inf without being computed; the softmax
+    still runs over the whole row, so the weights are bit-identical to computing them).
+    """
     n_heads, n_kv, n_keys = query.shape[1], key.shape[1], key.shape[-2]
     groups = n_heads // n_kv
     q = query[0, :, -1, :].float().reshape(n_kv, groups, -1)  # query head h reads KV head h // groups
-    scores = torch.matmul(q, key[0].float().transpose(-1, -2)).reshape(n_heads, -1) * scale  # [H, S]
+    scores = torch.matmul(q, key[0, :, skip:].float().transpose(-1, -2)).reshape(n_heads, -1) * scale  # [H, S - skip]
     if terms.get("softcap"):
         scores = torch.tanh(scores / terms["softcap"]) * terms["softcap"]
     if terms.get("position_bias") is not None:
-        scores = scores + terms["position_bias"][0, :, -1, :n_keys].float()
+        scores = scores + terms["position_bias"][0, :, -1, skip:n_keys].float()
     if attention_mask is not None:
-        row = attention_mask[0, :, -1, :n_keys]  # [1 or H, S]
+        row = attention_mask[0, :, -1, skip:n_keys]  # [1 or H, S - skip]
         scores = scores.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else scores + row.float()
     elif terms.get("sliding_window"):  # flash: no mask, the kernel applies the window itself
         scores[:, : max(n_keys - int(terms["sliding_window"]), 0)] = float("-inf")
+    if skip:
+        scores = torch.cat([scores.new_full((n_heads, skip), float("-inf")), scores], dim=-1)
     sinks = terms.get("s_aux")
     if sinks is None:
         return torch.softmax(scores, dim=-1)
     with_sink = torch.cat([scores, sinks.float().reshape(n_heads, 1)], dim=-1)
     return torch.softmax(with_sink, dim=-1)[:, :-1]  # the sink takes mass but is not a position
+
+
+def _hidden_blocks(attention_mask, query, n_keys: int) -> int:
+    """Leading keys that the newest query's boolean SDPA mask hides from every head (a sliding window,
+    hidden context), rounded down to SDPA's key block and leaving at least one whole block: the stock
+    call skips them with bit-identical output (tested), since a fully masked block is an exact no-op
+    in the kernel's online softmax and the later blocks keep their boundaries and size (fewer than
+    512 keys left would shrink the kernel's block and change the last bits). 0 for prefill calls and
+    short contexts."""
+    if query.shape[-2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool or n_keys < 2 * KEY_BLOCK:
+        return 0
+    visible = attention_mask[0, :, -1, :n_keys].any(0)
+    first = int(visible.to(torch.uint8).argmax())
+    return min(first, n_keys - KEY_BLOCK) // KEY_BLOCK * KEY_BLOCK
 
 
 def reduce_rows(hooks: StepHooks, n_layers: int) -> dict[str, torch.Tensor]:
