@@ -90,7 +90,7 @@ def traced_attention(module, query, key, value, attention_mask, scaling=None, dr
         if hooks.stock.startswith("flash"):
             raise ModelError("head-sparse decoding needs eager or sdpa attention, not flash")
         sparse = sparse_attention(stock, module, query, key, value, attention_mask, hooks.open_heads[layer],
-                                  hooks.sparsity, scaling, dropout, kwargs)
+                                  hooks.sparsity, scaling, dropout, kwargs, skip)
         if sparse is not None:
             return sparse
     wants_row = hooks.record or hooks.head_mask is not None

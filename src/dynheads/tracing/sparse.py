@@ -116,13 +116,14 @@ def plan_step(open_units: np.ndarray, sparsity: Sparsity, n_heads: int, n_kv: in
 
 
 def sparse_attention(stock: Callable, module, query, key, value, attention_mask,
-                     split: HeadSplit | torch.Tensor, sparsity: Sparsity, scaling, dropout, kwargs: dict):
+                     split: HeadSplit | torch.Tensor, sparsity: Sparsity, scaling, dropout, kwargs: dict, skip: int = 0):
     """The stock attention with closed heads restricted to the gathered S + W keys.
 
     query [B, H, 1, D]; key/value [B, Hkv, S, D]; split: a `HeadSplit`, or the layer's bool [Hkv] or [H]
     open units. Returns ([B, 1, H, D], None), or None when nothing is restricted (the caller then calls
     the stock function). Open heads read the cache through a view when they are contiguous; closed
-    heads get a copy of only their first S and last W keys (values, mask columns).
+    heads get a copy of only their first S and last W keys (values, mask columns). skip: leading keys
+    the mask hides from every head (attention._hidden_blocks), which the open heads' call does not read.
     """
     n_heads, n_kv, n_keys = query.shape[1], key.shape[1], key.shape[-2]
     if isinstance(split, torch.Tensor):
@@ -139,7 +140,8 @@ def sparse_attention(stock: Callable, module, query, key, value, attention_mask,
     if split.opened is not None:  # a view of the cache when the open heads are contiguous
         heads, kv = _on(split.opened[0], query.device), _on(split.opened[1], key.device)
         part_mask = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
-        out[:, :, heads], _ = stock(mod, query[:, heads], key[:, kv], value[:, kv], part_mask,
+        part_mask = part_mask if part_mask is None else part_mask[..., skip:]
+        out[:, :, heads], _ = stock(mod, query[:, heads], key[:, kv, skip:], value[:, kv, skip:], part_mask,
                                     scaling=scaling, dropout=dropout, **kwargs)
     heads, kv = split.closed
     heads, kv = _on(heads, query.device), _on(kv, key.device)

@@ -1,15 +1,17 @@
 """Decode steps skip the leading key blocks their mask hides from every head (sliding windows, hidden
-context): the stock SDPA call and the recorded row then read only the rest, with bit-identical tokens
-and records (checked against the same trace with skipping off) on every sliding-window family, on
-hidden keys, and on Gemma 3 270M past its 512-token window."""
+context): the stock SDPA call, the recorded row and the open heads of head-sparse decoding then read
+only the rest, with bit-identical tokens and records (checked against the same trace with skipping
+off) on every sliding-window family, on hidden keys, and on Gemma 3 270M past its 512-token window."""
 import numpy as np
 import pytest
 import torch
 
 import dynheads.tracing.attention as attention_module
 from dynheads.conformance import FAMILIES, build_tiny
+from dynheads.errors import ModelError
 from dynheads.heads import HeadLayout
 from dynheads.models import LoadedModel
+from dynheads.tracing.sparse import Sparsity
 from dynheads.tracing.tracer import TraceConfig, Tracer
 
 SLIDING = sorted(f for f, kw in FAMILIES.items() if "sliding_window" in kw)
@@ -47,8 +49,17 @@ def _work(lm, ids, hidden=None):
     state = tracer.prefill(ids, {"needle": [(600, 610)]}, hidden_keys=hidden)
     mask = np.zeros(lm.layout.shape, bool)
     mask[:, 0] = True
-    return {"trace": tracer.generate(state).arrays(),
-            "ablation": tracer.generate(state, intervention=lambda v: mask).arrays()}
+    sparse = Tracer(lm, TraceConfig(max_new_tokens=6, record_rows=False))
+    sparse.stop_ids = set()
+    half = np.arange(lm.layout.n_layers * lm.layout.n_kv_heads).reshape(lm.layout.n_layers, -1) % 2 == 0
+    out = {"trace": tracer.generate(state).arrays(),
+           "ablation": tracer.generate(state, intervention=lambda v: mask).arrays()}
+    try:
+        out["sparse"] = sparse.generate(sparse.prefill(ids, hidden_keys=hidden), heads=lambda t, p, f: half,
+                                        sparsity=Sparsity(4, 8)).arrays()
+    except ModelError as exc:  # gpt_oss: its sinks cannot be split per head
+        out["sparse"] = {"refused": np.array(str(exc))}
+    return out
 
 
 @pytest.mark.parametrize("family", SLIDING)

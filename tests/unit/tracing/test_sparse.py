@@ -135,8 +135,9 @@ def test_kv_read_fraction_counts_sinks_and_window_of_closed_heads():
 
 
 # --- the gather: views for open heads, S + W copies for closed ones, same bits as a plain index gather ---
-def _index_gather_reference(stock, module, query, key, value, attention_mask, split, sparsity, scaling, dropout, kwargs):
-    """The first implementation: index-gather every head set (copies the open heads' whole cache)."""
+def _index_gather_reference(stock, module, query, key, value, attention_mask, split, sparsity, scaling, dropout, kwargs,
+                            skip=0):
+    """The first implementation: index-gather every head set (copies the open heads' whole cache; reads every key)."""
     open_units = torch.from_numpy(split.units)
     n_heads, n_kv, n_keys = query.shape[1], key.shape[1], key.shape[-2]
     groups = n_heads // n_kv
