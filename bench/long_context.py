@@ -1,5 +1,5 @@
 """Long-context NIAH (16K, 32K tokens on Gemma 3 270M): time per sample split into prefill and decode,
-peak memory, accuracy and record sizes; or, with --prefill-only, one prefill in one call against the
+peak memory (after the prefill and after the decode: what recording adds), accuracy and record sizes; or, with --prefill-only, one prefill in one call against the
 chunked prefill (time, peak memory, and a digest of every cached key and value, which must match).
 
 Traces through the same code as `dynheads niah` (`run_niah` into --out, so `dynheads view` opens the
@@ -27,13 +27,13 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
 
 
-def time_forwards(model) -> list[tuple[int, float]]:
-    """(tokens, seconds) of every forward call of `model` from now on."""
-    calls: list[tuple[int, float]] = []
+def time_forwards(model) -> list[tuple[int, float, float]]:
+    """(tokens, seconds, process peak GiB after the call) of every forward call of `model` from now on."""
+    calls: list[tuple[int, float, float]] = []
     started: list[float] = []
     model.register_forward_pre_hook(lambda m, a, kw: started.append(time.perf_counter()), with_kwargs=True)
     model.register_forward_hook(lambda m, a, kw, out: calls.append(
-        (kw["input_ids"].shape[1], time.perf_counter() - started.pop())), with_kwargs=True)
+        (kw["input_ids"].shape[1], time.perf_counter() - started.pop(), peak_gib())), with_kwargs=True)
     return calls
 
 
@@ -67,7 +67,7 @@ def traced_run(lm, args) -> None:
     from dynheads.tracing.tracer import TraceConfig
 
     calls = time_forwards(lm.model)
-    per_sample: list[list[tuple[int, float]]] = []
+    per_sample: list[list[tuple[int, float, float]]] = []
 
     def runner(run, samples, work, total=None, quiet=False):
         from dynheads.tracing.runner import run_samples
@@ -87,15 +87,17 @@ def traced_run(lm, args) -> None:
     print(f"{args.model}: {args.length} tokens, top-{args.topk}, {torch.get_num_threads()} thread(s); "
           f"process peak {peak_gib():.2f} GiB, growth over the loaded model {peak_gib() - before:.2f} GiB")
     print(f"{'sample':>22} {'prefill s':>10} {'decode s':>9} {'steps':>6} {'ms/step':>8} {'acc':>5} {'records KB':>11} "
-          f"{'sample json KB':>15}")
+          f"{'sample json KB':>15} {'peak GiB after prefill':>23} {'after decode':>13}")
     for result, calls_of in zip(results[-len(per_sample):], per_sample):
-        prefill = sum(s for n, s in calls_of if n > 1)
-        decode = [s for n, s in calls_of if n == 1]
+        prefill = sum(s for n, s, _ in calls_of if n > 1)
+        decode = [s for n, s, _ in calls_of if n == 1]
+        after_prefill = max(p for n, _, p in calls_of if n > 1)
         rec = run.path / "records" / f"{result['id']}.npz"
         js = run.path / "samples" / f"{result['id']}.json"
         print(f"{result['id']:>22} {prefill:>10.1f} {sum(decode):>9.1f} {len(decode):>6} "
               f"{1e3 * sum(decode) / max(len(decode), 1):>8.0f} {result.get('accuracy', float('nan')):>5.2f} "
-              f"{rec.stat().st_size / 1024:>11.1f} {js.stat().st_size / 1024:>15.1f}", flush=True)
+              f"{rec.stat().st_size / 1024:>11.1f} {js.stat().st_size / 1024:>15.1f} {after_prefill:>23.2f} "
+              f"{calls_of[-1][2]:>13.2f}", flush=True)
 
 
 def main() -> None:
