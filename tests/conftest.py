@@ -70,5 +70,11 @@ def gemma_lm():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    assert SHARED_DATA.is_dir(), f"shared data folder missing: {SHARED_DATA}"
+    """The shared data folder beside the repository (../shared/data). A test that needs it skips, naming the
+    folder, on a clone without it; CI sets DYNHEADS_REQUIRE_SHARED_DATA=1, so there a missing folder fails."""
+    if not SHARED_DATA.is_dir():
+        message = f"needs the shared data folder {SHARED_DATA}, which is absent"
+        if os.environ.get("DYNHEADS_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message + " (DYNHEADS_REQUIRE_SHARED_DATA=1)")
+        pytest.skip(message)
     return SHARED_DATA

@@ -86,6 +86,7 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "c
             check_digest(named_model(source), path, fingerprint)
         model, tok = _from_pretrained(str(folder), _DTYPES[dtype], local_only=True, **load_args)
     elif path.is_dir():
+        _check_model_folder(path, weights)
         fingerprint = _folder_fingerprint(path)
         model, tok = _from_pretrained(str(path), _DTYPES[dtype], local_only=True, **load_args)
     elif "/" in source and not source.startswith((".", "/")) and not path.exists():
@@ -262,6 +263,19 @@ def _check_gguf(path: Path) -> None:
     except Exception as exc:  # the reader raises struct, numpy and value errors alike
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path} is truncated or damaged (size {path.stat().st_size} bytes): {first}") from None
+
+
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack"}
+
+
+def _check_model_folder(path: Path, weights: bool) -> None:
+    """A local model folder needs a config.json and (to load weights) a weights file: say which is missing,
+    instead of the tokenizer error transformers raises first (one that names neither)."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model folder {path} has no config.json, so it is not a Hugging Face model folder "
+                         "(give 'default', a model folder, a cached Hub id or a .gguf file)")
+    if weights and not any(p.suffix in _WEIGHT_SUFFIXES for p in path.iterdir()):
+        raise ModelError(f"model folder {path} holds a config.json but no weights (no *.safetensors or *.bin file)")
 
 
 def _folder_fingerprint(path: Path) -> str:

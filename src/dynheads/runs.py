@@ -85,11 +85,24 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, path) -> "RunDir":
-        """An existing run folder, for analyses (no lock: they write only their own results)."""
+    def open(cls, path, what: str = "") -> "RunDir":
+        """An existing run folder, for analyses (no lock: they write only their own results).
+
+        Its config.json is checked to be a run config before anything is written into the folder;
+        `what` names the folder's role in messages ("detection run").
+        """
         run = cls(Path(path))
-        if not (run.path / "config.json").is_file():
-            raise DataError(f"{run.path} is not a dynheads run folder (no config.json)")
+        name = f"{what} {run.path}" if what else str(run.path)
+        if not run.path.exists():
+            raise DataError(f"{name} does not exist")
+        if not run.path.is_dir():
+            raise DataError(f"{name} is a file, not a run folder")
+        cfg_path = run.path / "config.json"
+        if not cfg_path.is_file():
+            raise DataError(f"{name} is not a dynheads run folder (no config.json)")
+        if not isinstance(_read_json(cfg_path), dict):
+            raise DataError(f"{name} is not a dynheads run folder: its config.json is not a run config (a JSON "
+                            "object written by dynheads), so it is damaged or belongs to something else")
         try:
             for sub in ("results", "figures"):
                 (run.path / sub).mkdir(exist_ok=True)
@@ -182,17 +195,32 @@ def check_out(path) -> None:
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise ConfigError(f"--out {p} is a file, not a run folder")
+    _check_writable_parent(p, "--out", "no folder can be made")
+    if (p / LOCK_NAME).exists() and FolderLock.acquire(p) is None:
+        raise ConfigError(_busy(p))
+
+
+def check_out_file(path, flag: str = "--out", folder_ok: bool = False) -> None:
+    """Refuse an output *file* that cannot be written: a folder (unless `folder_ok`, for outputs that
+    may be a folder), under a file, or in a folder that is not writable. Cheap: before any work."""
+    p = Path(path).expanduser()
+    if p.is_dir() and not folder_ok:
+        raise ConfigError(f"{flag} {p} is a folder; give the file to write")
+    _check_writable_parent(p if p.is_dir() else p.parent, flag, "nothing can be written", p)
+
+
+def _check_writable_parent(p: Path, flag: str, refused: str, named: Path | None = None) -> None:
+    """The nearest existing ancestor of `p` (or `p`) must be a folder this process can write in."""
+    named = named or p
     parent = p
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"--out {p}: {parent} is a file, so no folder can be made under it")
+        raise ConfigError(f"{flag} {named}: {parent} is a file, so {refused} under it")
     try:  # a real write test: permissions, read-only mounts and ACLs alike (os.access ignores some)
         tempfile.TemporaryDirectory(dir=parent, prefix=".dynheads-check-").cleanup()
     except OSError as exc:
-        raise ConfigError(f"--out {p}: cannot write in {parent} ({exc.strerror})") from None
-    if (p / LOCK_NAME).exists() and FolderLock.acquire(p) is None:
-        raise ConfigError(_busy(p))
+        raise ConfigError(f"{flag} {named}: cannot write in {parent} ({exc.strerror})") from None
 
 
 def result_name(name: str, config: Any, ignore: tuple[str, ...] = ("threads",)) -> str:

@@ -20,3 +20,11 @@ def assert_one_line_error(proc, *fragments):
     assert "Traceback" not in proc.stderr
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+def support_only(record: dict) -> dict:
+    """A HotpotQA record (HF format) with only its supporting paragraphs: short prompts for tests."""
+    gold = set(record["supporting_facts"]["title"])
+    keep = [i for i, t in enumerate(record["context"]["title"]) if t in gold]
+    ctx = record["context"]
+    return {**record, "context": {"title": [ctx["title"][i] for i in keep], "sentences": [ctx["sentences"][i] for i in keep]}}

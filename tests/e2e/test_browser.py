@@ -103,3 +103,19 @@ def test_report_figures_load_and_tables_have_rows(repro, browser, tmp_path):
     assert not [u for u in links if not u.startswith("data:")], "report.html must not load anything from outside"
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert not errors
+
+
+def test_comparison_report_puts_reproductions_side_by_side(repro, browser, tmp_path):
+    proc = dynheads("report", repro, repro, "--out", tmp_path / "cmp")
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| statistic | paper (llama3.1-8b) | default | default (2) |" in md  # each reproduction named by its model
+    page, errors = _page(browser, tmp_path / "cmp" / "report.html")
+    captions = page.eval_on_selector_all("caption", "els => els.map(e => e.textContent)")
+    assert [c.split(" —")[0].split(" (")[0] for c in captions] == ["Claim 1", "Claim 2", "Claim 3", "Dynamic RAG"]
+    verdicts = page.eval_on_selector_all("tbody tr:last-child td:nth-child(3)", "els => els.map(e => e.textContent)")
+    assert len(verdicts) == 4 and all(v.split(":")[0] in {"reproduced", "not reproduced", "not comparable"}
+                                      for v in verdicts)
+    one = dynheads("report", repro, "--out", tmp_path / "one")
+    assert one.returncode == 2 and "compare several reproductions" in one.stderr
+    assert not errors

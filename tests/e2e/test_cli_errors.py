@@ -46,6 +46,29 @@ def inputs(tmp_path_factory):
         (run / "config.json").write_text(json.dumps({"kind": kind, "layout": layout, "seed": 0}))
         np.savez(run / "records" / "s.npz", **{key: np.arange(3)})
         (run / "samples" / "s.json").write_text(json.dumps({"id": "s", "order": 0}))
+    # a traced NIAH run whose only sample was answered wrong: Wu et al.'s head scores have nothing to average
+    wrong = root / "wrong"
+    for sub in ("records", "samples"):
+        (wrong / sub).mkdir(parents=True)
+    (wrong / "config.json").write_text(json.dumps({"kind": "niah", "layout": layout, "seed": 0,
+                                                   "score": {"name": "copy_paste", "args": {"span": "needle"}}}))
+    np.savez(wrong / "records" / "s.npz", token_id=np.arange(3), score=np.zeros((3, 30, 9), np.float32),
+             top1_pos=np.zeros((3, 30, 9), np.int64), top1_token=np.zeros((3, 30, 9), np.int64))
+    (wrong / "samples" / "s.json").write_text(json.dumps({"id": "s", "order": 0, "accuracy": 0.0,
+                                                          "token_spans": {"needle": [[5, 9]], "answer": [[6, 8]]}}))
+    for name, text in (("config_not_json", "{not json"), ("config_list", "[1, 2]")):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(text)
+    for name, text in (("state_not_json", "nope"), ("state_list", "[1]"), ("state_no_steps", '{"config": {}}')):
+        (root / name).mkdir()
+        (root / name / "reproduce.json").write_text(text)
+    (root / "model_with_config").mkdir()
+    (root / "model_with_config" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (root / "empty").mkdir()
+    spec = '[[experiments]]\nname = "niah"\nlengths = [300]\ndepths = [50]\n'
+    (root / "grid_type.toml").write_text(spec + '[experiments.grid]\nmax_new_tokens = ["many", "more"]\n')
+    (root / "fixed_type.toml").write_text(spec + 'samples_per_cell = "two"\n')
+    (root / "ok.toml").write_text(spec + "samples_per_cell = 1\n")
     return root
 
 
@@ -78,17 +101,65 @@ CASES = [
     ("not a run folder", ["dynamism", "{root}"], "is not a dynheads run folder"),
     ("missing data file", ["multihop", "--data", "{root}/nope.json", "--out", "{out}"], "nope.json"),
     ("rag data not multi-hop", ["rag", "--data", "{root}/needles.jsonl", "--out", "{out}"], "needles.jsonl"),
+    # the audit of issue 17: each of these was an internal failure, accepted, a hang or a blocked correction
+    ("sweep grid value of the wrong type", ["sweep", "{root}/grid_type.toml", "--out", "{out}"],
+     "grid: 'max_new_tokens' expects an integer, got 'many'"),
+    ("sweep fixed value of the wrong type", ["sweep", "{root}/fixed_type.toml", "--out", "{out}"],
+     "'samples_per_cell' expects an integer, got 'two'"),
+    ("sweep spec is a folder", ["sweep", "{root}", "--out", "{out}"], "is a folder; give the TOML file"),
+    ("sweep on an unreachable Ray address", ["sweep", "{root}/ok.toml", "--out", "{out}", "--ray", "127.0.0.1:1"],
+     "--ray 127.0.0.1:1: no Ray head reachable within 5 s"),
+    ("sparse n-boot 0", ["sparse", "--detection", "{root}/wrong", "--n-boot", "0", "--out", "{out}"],
+     "invalid value for '--n-boot'"),
+    ("sparse budget 0", ["sparse", "--detection", "{root}/wrong", "--budgets", "0,4", "--out", "{out}"],
+     "a budget of 0 opens no head"),
+    ("sparse names its detection run", ["sparse", "--detection", "{root}/ablation", "--out", "{out}"],
+     "detection run {root}/ablation is not a traced run"),
+    ("view config not JSON", ["view", "{root}/config_not_json", "--out", "{out}"],
+     "config_not_json is not a dynheads run folder: its config.json is not a run config"),
+    ("view config a JSON list", ["view", "{root}/config_list", "--out", "{out}"],
+     "config_list is not a dynheads run folder: its config.json is not a run config"),
+    ("view out is a folder", ["view", "{root}/wrong", "--out", "{root}"], "is a folder; give the file to write"),
+    ("view out under a file", ["view", "{root}/wrong", "--out", "{root}/file/v.html"],
+     "file is a file, so nothing can be written under it"),
+    ("view a folder that does not exist", ["view", "{root}/nope", "--out", "{out}"], "{root}/nope does not exist"),
+    ("report state not JSON", ["report", "{root}/state_not_json"], "state_not_json/reproduce.json is not JSON"),
+    ("report state a JSON list", ["report", "{root}/state_list"], "state_list/reproduce.json is not a reproduction"),
+    ("report state without steps", ["report", "{root}/state_no_steps"], "is not a reproduction state"),
+    ("export-heads out under a file", ["export-heads", "{root}/wrong", "--top", "5", "--out", "{root}/file/x"],
+     "file is a file, so nothing can be written under it"),
+    ("export-heads negative sink", ["export-heads", "{root}/wrong", "--top", "5", "--sink", "-1", "--out", "{out}"],
+     "invalid value for '--sink'"),
+    ("export-heads nothing to score", ["export-heads", "{root}/wrong", "--format", "retrieval_head", "--out",
+                                       "{out}"], "has no correctly answered sample"),
+    ("reproduce out is a file", ["reproduce", "--out", "{root}/file"], "is a file, not a run folder"),
+    ("reproduce missing hotpotqa", ["reproduce", "--hotpotqa", "{root}/nope.json", "--out", "{out}"],
+     "--hotpotqa {root}/nope.json does not exist"),
+    ("reproduce overlapping HotpotQA slices", ["reproduce", "--rag-questions", "40", "--out", "{out}"],
+     "evaluation records 0-40 overlap the detection records 30-50"),
+    ("conformance unknown family", ["conformance", "--family", "nosuch"], "unknown --family 'nosuch'"),
+    ("model folder without config", NIAH + ["--model", "{root}/empty", "--out", "{out}"],
+     "model folder {root}/empty has no config.json, so it is not a Hugging Face model folder"),
+    ("model folder without weights", NIAH + ["--model", "{root}/model_with_config", "--out", "{out}"],
+     "holds a config.json but no weights (no *.safetensors or *.bin file)"),
+    ("analysis of a folder that does not exist", ["dynamism", "{root}/nope"], "{root}/nope does not exist"),
 ]
-IMPORTS_TORCH: set[str] = set()  # every case above fails before torch or transformers is imported
+# These need transformers to answer (its list of model types; the model loader's folder checks run in
+# load_model, whose module imports torch); every other case fails before torch or transformers is imported.
+IMPORTS_TORCH = {"conformance unknown family", "model folder without config", "model folder without weights"}
 
 
 @pytest.mark.parametrize("name,args,fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_fails_fast_with_one_error_line(name, args, fragment, inputs, tmp_path):
     out = tmp_path / "out"
+    started = time.monotonic()
     proc, heavy = cli(*[a.format(root=inputs, out=out) for a in args])
-    assert_one_line_error(proc, fragment)
+    assert time.monotonic() - started < 30, f"{name} took {time.monotonic() - started:.0f} s"  # no hang (Ray)
+    assert_one_line_error(proc, fragment.format(root=inputs))
     assert heavy == "" or name in IMPORTS_TORCH, f"{name} imported {heavy}"
     assert not out.exists()  # nothing is created before the input is valid
+    for bad_config in ("config_not_json", "config_list"):  # a folder that is no run gets no results/ or figures/
+        assert [p.name for p in (inputs / bad_config).iterdir()] == ["config.json"]
 
 
 @pytest.mark.parametrize("args", [["--help"], ["niah", "--help"]] + [["list", w] for w in (

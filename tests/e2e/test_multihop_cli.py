@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from e2e.helpers import assert_one_line_error, dynheads
+from e2e.helpers import assert_one_line_error, dynheads, support_only
 
 pytestmark = pytest.mark.e2e
 HOTPOT = "hotpotqa/hotpotqa_dev_distractor_first100_hf.json"
@@ -17,19 +17,12 @@ CORPUS = "corpus/shared_qa_paragraphs.jsonl"
 RAG_FAST = ["--prompt", "short", "--max-new-tokens", "6", "--max-sentence-tokens", "6", "--quiet"]
 
 
-def _support_only(record: dict) -> dict:
-    gold = set(record["supporting_facts"]["title"])
-    keep = [i for i, t in enumerate(record["context"]["title"]) if t in gold]
-    ctx = record["context"]
-    return {**record, "context": {"title": [ctx["title"][i] for i in keep], "sentences": [ctx["sentences"][i] for i in keep]}}
-
-
 @pytest.fixture(scope="module")
 def files(shared_data, tmp_path_factory):
     records = json.loads((shared_data / HOTPOT).read_text())
     root = tmp_path_factory.mktemp("multihop")
-    (root / "detect.json").write_text(json.dumps([_support_only(r) for r in records[:2]]))
-    (root / "eval.json").write_text(json.dumps([_support_only(r) for r in records[2:4]]))
+    (root / "detect.json").write_text(json.dumps([support_only(r) for r in records[:2]]))
+    (root / "eval.json").write_text(json.dumps([support_only(r) for r in records[2:4]]))
     return root
 
 

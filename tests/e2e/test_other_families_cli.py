@@ -44,9 +44,9 @@ def test_family_without_attention_interface_is_refused_before_the_run_folder(def
     from dynheads.conformance import build_tiny
 
     tok = default_lm.tokenizer
-    build_tiny("falcon", vocab_size=len(tok)).save_pretrained(tmp_path / "falcon")
-    tok.save_pretrained(tmp_path / "falcon")
-    proc = dynheads("niah", "--model", tmp_path / "falcon", "--lengths", "200", "--depths", "50",
+    build_tiny("bloom", vocab_size=len(tok)).save_pretrained(tmp_path / "bloom")
+    tok.save_pretrained(tmp_path / "bloom")
+    proc = dynheads("niah", "--model", tmp_path / "bloom", "--lengths", "200", "--depths", "50",
                     "--samples-per-cell", "1", "--out", tmp_path / "run")
-    assert_one_line_error(proc, "FalconForCausalLM", "AttentionInterface")
+    assert_one_line_error(proc, "BloomForCausalLM", "AttentionInterface")
     assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ import pytest
 from dynheads.errors import ConfigError, DataError
 from dynheads.experiments.cca import CcaConfig
 from dynheads.experiments.trace import niah_inputs
-from dynheads.runs import RunDir, check_out, result_name
+from dynheads.runs import RunDir, check_out, check_out_file, result_name
 from dynheads.tasks.niah import NiahConfig
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
@@ -135,6 +135,38 @@ def test_out_that_cannot_become_a_run_folder_is_refused(tmp_path):
         RunDir.create(tmp_path / "file", {"kind": "test"})
     check_out(tmp_path / "new" / "run")
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_output_file_that_cannot_be_written_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"--out {tmp_path} is a folder; give the file to write"):
+        check_out_file(tmp_path)  # a folder as the HTML file: refused
+    check_out_file(tmp_path, folder_ok=True)  # where a folder is a valid output (export-heads)
+    with pytest.raises(ConfigError, match="--json .*file/sub/x.json: .*file is a file, so nothing can be written under it"):
+        check_out_file(tmp_path / "file" / "sub" / "x.json", "--json")
+    with pytest.raises(ConfigError, match="cannot write in /proc"):
+        check_out_file("/proc/dynheads-test/view.html")
+    check_out_file(tmp_path / "new" / "view.html")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"), ("", r"is not a dynheads run folder \(no config.json\)"),
+    ("{not json", "its config.json is not a run config"), ("[1, 2]", "its config.json is not a run config")])
+def test_opening_a_folder_that_is_no_run_writes_nothing_into_it(tmp_path, content, message):
+    folder = tmp_path / "run"
+    if content is not None:
+        folder.mkdir()
+        if content:
+            (folder / "config.json").write_text(content)
+    before = sorted(folder.iterdir()) if folder.exists() else None
+    with pytest.raises(DataError, match=message):
+        RunDir.open(folder)
+    assert (sorted(folder.iterdir()) if folder.exists() else None) == before  # no results/ or figures/
+    with pytest.raises(DataError, match=f"^detection run {folder} "):
+        RunDir.open(folder, what="detection run")
+    RunDir.create(tmp_path / "ok", {"kind": "niah"})
+    assert RunDir.open(tmp_path / "ok").config == {"kind": "niah"}
 
 
 def test_resume_compares_resolved_input_paths_and_their_contents(tmp_path, monkeypatch):

@@ -20,10 +20,23 @@ def register(app: typer.Typer) -> None:
         import warnings
 
         from dynheads.conformance import FAMILIES, causal_lm_families, check_family, support_table
+        from dynheads.errors import ConfigError
 
         warnings.filterwarnings("ignore")
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        names = family or (causal_lm_families() if all_families else list(FAMILIES))
+        known = causal_lm_families()
+        unknown = [name for name in family or () if name not in known]
+        if unknown:
+            import transformers
+
+            raise ConfigError(f"unknown --family '{unknown[0]}': not a causal-LM model type of the installed "
+                              f"transformers {transformers.__version__} (e.g. {', '.join(list(FAMILIES)[:4])}; "
+                              "`dynheads conformance --all` checks every one)")
+        if json_out is not None:
+            from dynheads.runs import check_out_file
+
+            check_out_file(json_out, "--json")
+        names = family or (known if all_families else list(FAMILIES))
         results = [check_family(name) for name in names]
         typer.echo(support_table(results))
         if json_out is not None:

@@ -60,10 +60,14 @@ def register(app: typer.Typer) -> None:
     ):
         """Rebuild report.html and report.md of a reproduction, or compare several models' reproductions side by
         side (no model needed)."""
+        from dynheads.errors import ConfigError
+        from dynheads.experiments.reproduce import read_state
+
+        for run in runs:
+            read_state(run)  # a folder without a readable reproduce.json fails here, before the report's imports
         if len(runs) == 1 and out is None:
             _build_report(runs[0])
             return
-        from dynheads.errors import ConfigError
 
         if len(runs) < 2 or out is None:
             raise ConfigError("compare several reproductions: dynheads report RUN_A RUN_B … --out DIR")

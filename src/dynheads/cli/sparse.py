@@ -20,20 +20,21 @@ def register(app: typer.Typer) -> None:
                                        "static ranking and the predicted policy's training data"),
         static_ranking: Optional[str] = typer.Option(None, help="head_score JSON, DuoAttention .tsv or run "
                                                      "folder overriding the detection run's static ranking"),
-        sink: int = typer.Option(16, help="first keys a closed head reads (DuoAttention deploys 64)"),
-        recent: int = typer.Option(64, help="last keys a closed head reads, the new token included (DuoAttention: 256)"),
+        sink: int = typer.Option(16, min=0, help="first keys a closed head reads (DuoAttention deploys 64)"),
+        recent: int = typer.Option(64, min=1, help="last keys a closed head reads, the new token included "
+                                   "(DuoAttention: 256)"),
         unit: str = typer.Option("kv", help="what a policy opens: kv (a GQA group) or query (one query head)"),
         lengths: str = typer.Option("1000,2000", help="NIAH: whole-prompt lengths in tokens"),
         depths: str = typer.Option("0,25,50,75,100", help="NIAH: needle depths in percent"),
-        samples_per_cell: int = typer.Option(2, help="NIAH: samples per (length, depth) cell"),
+        samples_per_cell: int = typer.Option(2, min=1, help="NIAH: samples per (length, depth) cell"),
         haystack: Optional[str] = typer.Option(None, help="NIAH: folder of .txt files (default: CPython docs prose)"),
         needles: Optional[str] = typer.Option(None, help="NIAH: Retrieval_Head-style needle JSONL (default: UUID)"),
         num_needles: int = typer.Option(1, help="NIAH: needles per prompt (RULER-style multi-needle when ≥ 2)"),
         mode: Optional[str] = typer.Option(None, help="NIAH with --num-needles ≥ 2: multikey (default) or multivalue"),
         data: Optional[Path] = typer.Option(None, help="multi-hop QA file instead of NIAH (as `dynheads multihop`)"),
-        limit: Optional[int] = typer.Option(100, help="multi-hop: samples"),
-        max_new_tokens: int = typer.Option(48),
-        n_boot: int = typer.Option(2000, help="bootstrap resamples over samples"),
+        limit: Optional[int] = typer.Option(100, min=1, help="multi-hop: samples"),
+        max_new_tokens: int = typer.Option(48, min=1),
+        n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),
         prompt_style: str = PROMPT_STYLE,
         dtype: str = typer.Option("float32"),
@@ -42,15 +43,40 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False),
     ):
         """Head-sparse decoding: accuracy and KV read of each head policy at equal budget (predicted vs static)."""
+        from dynheads.errors import ConfigError
+        from dynheads.runs import RunDir
+
+        # every value that needs no model, before torch is imported and before the run folder exists
+        from dynheads.tasks.base import check_prompt_style
+
+        check_prompt_style(prompt_style)
+        budget_values = parse_ints(budgets, "budgets")
+        if min(budget_values) < 1:
+            raise ConfigError(f"--budgets: a budget of {min(budget_values)} opens no head (that is the 'streaming' "
+                              "policy); give budgets of at least 1")
+        det = RunDir.open(detection, what="detection run")
+        if "score" not in det.config or not det.done_samples():
+            raise ConfigError(f"detection run {detection} is not a traced run with finished samples (give a folder "
+                              "of `dynheads niah` or `dynheads multihop` on other samples)")
+        if data is None:
+            from dynheads.tasks.multineedle import niah_config
+
+            niah = niah_config(num_needles, mode, lengths=parse_ints(lengths, "lengths"),
+                               depths=parse_floats(depths, "depths"), samples_per_cell=samples_per_cell,
+                               haystack=haystack, needles=needles, seed=seed, prompt_style=prompt_style)
+            check_niah(niah, out)
+        else:
+            from dynheads.runs import check_out
+            from dynheads.tasks.multihop import MultihopConfig, load_questions
+
+            task = MultihopConfig(str(data), limit, prompt_style=prompt_style)
+            load_questions(task)  # bad input fails before the model loads
+            check_out(out)
         from dynheads.experiments.sparse import SparseConfig
         from dynheads.tracing.sparse import Sparsity
 
-        config = SparseConfig(str(detection), parse_list(policies, "policies", str), parse_ints(budgets, "budgets"),
+        config = SparseConfig(str(detection), parse_list(policies, "policies", str), budget_values,
                               Sparsity(sink, recent, unit), static_ranking, n_boot, seed)
-        if not detection.is_dir():
-            from dynheads.errors import ConfigError
-
-            raise ConfigError(f"detection run {detection} is not a folder")
         from dynheads.experiments.sparse import run_sparse
         from dynheads.models import load_model
         from dynheads.report.sparse_figures import sparse_table
@@ -62,13 +88,8 @@ def register(app: typer.Typer) -> None:
         trace = TraceConfig(max_new_tokens=max_new_tokens)
         if data is None:
             from dynheads.experiments.trace import niah_inputs
-            from dynheads.tasks.multineedle import niah_config
             from dynheads.tasks.niah import niah_samples, score_response
 
-            niah = niah_config(num_needles, mode, lengths=parse_ints(lengths, "lengths"),
-                               depths=parse_floats(depths, "depths"), samples_per_cell=samples_per_cell,
-                               haystack=haystack, needles=needles, seed=seed, prompt_style=prompt_style)
-            check_niah(niah, out)
             niah = niah_inputs(niah)[0]  # resolved paths, as the detection run stores them
             lm = load_model(model, dtype=dtype, device=device)
             niah, trace = with_prompt_style(lm, niah, trace)
@@ -77,10 +98,7 @@ def register(app: typer.Typer) -> None:
                                      niah, trace, quiet)
         else:
             from dynheads.experiments.trace import score_answer
-            from dynheads.tasks.multihop import MultihopConfig, load_questions
 
-            task = MultihopConfig(str(data), limit, prompt_style=prompt_style)
-            load_questions(task)  # bad input fails before the model loads
             lm = load_model(model, dtype=dtype, device=device)
             task, trace = with_prompt_style(lm, task, trace)
             samples = [encode(s, lm.tokenizer) for s in load_questions(task)]

@@ -127,8 +127,8 @@ def register(app: typer.Typer) -> None:
                                    "(Wu et al.'s head_score JSON)"),
         top: Optional[int] = typer.Option(None, help="duo: query heads taken from the top of the run's static ranking"),
         out: Path = typer.Option(..., help="file to write; a folder also gets DuoAttention's config.json"),
-        sink: int = typer.Option(64, help="duo config.json sink_size (DuoAttention's deployment default)"),
-        recent: int = typer.Option(256, help="duo config.json recent_size (DuoAttention's deployment default)"),
+        sink: int = typer.Option(64, min=0, help="duo config.json sink_size (DuoAttention's deployment default)"),
+        recent: int = typer.Option(256, min=1, help="duo config.json recent_size (DuoAttention's deployment default)"),
     ):
         """Write a run's static head set for deployment (DuoAttention TSV) or its Wu et al. head scores."""
         from dynheads.experiments.head_export import export_heads as export

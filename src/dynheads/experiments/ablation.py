@@ -41,7 +41,7 @@ from dynheads.runs import RunDir, safe_name
 from dynheads.scores.copy_paste import copy_paste_active
 from dynheads.tasks.base import EncodedSample
 from dynheads.tasks.niah import NiahConfig, niah_samples, score_response
-from dynheads.tracing.runner import Runner, run_samples
+from dynheads.tracing.runner import Runner, SampleWorkWithInputs, run_samples
 from dynheads.tracing.tracer import Trace, TraceConfig, Tracer
 
 PAPER_FIG2 = ("paper (llama3.1-8b, Fig. 2): masking the dynamic heads drives accuracy to ~0 across the "
@@ -220,7 +220,8 @@ def ablate_samples(run: RunDir, tracer: Tracer, samples: list[EncodedSample], ra
     """Every condition of every sample into `run` (resumable); returns `matching_summary`.
 
     Run-level matching first runs none and dynamic on every sample into <run>/first_pass, then derives
-    the count from what is stored there (so a resumed run uses the same count) and runs the baselines.
+    the count from what is stored there (so a resumed run uses the same count) and runs the baselines;
+    each sample's first pass is read here and handed to its second pass (on Ray: shipped to the actor).
     """
     if not config.two_pass:
         runner(run, samples, lambda enc: ablate_sample(tracer, enc, ranking, config), len(samples), quiet)
@@ -230,12 +231,15 @@ def ablate_samples(run: RunDir, tracer: Tracer, samples: list[EncodedSample], ra
     runner(first, samples, lambda enc: first_pass_sample(tracer, enc, config), len(samples), quiet)
     stored = {r["id"]: r for r in first.sample_results()}
     matching = matching_summary([_match_counts(stored[e.sample.id]["conditions"], config) for e in samples], config)
+    heads = matching["heads"]
 
-    def work(enc: EncodedSample) -> tuple[dict, dict]:
-        arrays = load_sample_records(first.path / "records" / f"{safe_name(enc.sample.id)}.npz")
-        return ablate_sample(tracer, enc, ranking, config, matching["heads"], (arrays, stored[enc.sample.id]))
+    def read_first_pass(enc: EncodedSample) -> tuple[dict, dict]:  # where the run folder is (a Ray driver)
+        return load_sample_records(first.path / "records" / f"{safe_name(enc.sample.id)}.npz"), stored[enc.sample.id]
 
-    runner(run, samples, work, len(samples), quiet)
+    def second_pass(enc: EncodedSample, first_pass: tuple[dict, dict]) -> tuple[dict, dict]:  # wherever samples run
+        return ablate_sample(tracer, enc, ranking, config, heads, first_pass)
+
+    runner(run, samples, SampleWorkWithInputs(second_pass, read_first_pass), len(samples), quiet)
     return matching
 
 

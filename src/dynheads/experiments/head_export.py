@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynheads.errors import ConfigError
+from dynheads.errors import ConfigError, DataError
 from dynheads.heads import HeadLayout
 from dynheads.runs import RunDir
 
@@ -57,20 +57,29 @@ def ranking_from_duo_tsv(path: str | Path, layout: HeadLayout) -> np.ndarray:
 
 def export_heads(run_dir: RunDir, fmt: str, out: str | Path, top: int | None = None, sink: int = 64,
                  recent: int = 256) -> dict:
-    """Write the run's static set (duo: top `top` heads) or its head scores (retrieval_head); returns a summary."""
-    from dynheads.experiments.dynamism import top_heads
-    from dynheads.experiments.static_ranking import ranking_from_run
-    from dynheads.tasks.niah import NiahConfig
+    """Write the run's static set (duo: top `top` heads) or its head scores (retrieval_head); returns a summary.
+
+    Every argument is checked before anything is computed or written."""
+    from dynheads.runs import check_out_file
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown --format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    if sink < 0 or recent < 1:  # DuoAttention's streaming heads read sink_size + recent_size keys
+        raise ConfigError(f"--sink must be >= 0 and --recent >= 1 (the new token is always read), got {sink} and {recent}")
+    check_out_file(out, folder_ok=True)
+    if "layout" not in run_dir.config:
+        raise ConfigError(f"{run_dir.path} is not a traced run (no head layout in its config)")
     layout = HeadLayout(**run_dir.config["layout"])
     out = Path(out).expanduser()
     if fmt == "retrieval_head":
         return _export_head_scores(run_dir, layout, out)
     if top is None or not 1 <= top <= layout.n_total:
         raise ConfigError(f"--top must be between 1 and {layout.n_total} query heads, got {top}")
-    ranking, source = ranking_from_run(run_dir, layout, NiahConfig(), set())
+    from dynheads.experiments.dynamism import top_heads
+    from dynheads.experiments.static_ranking import ranking_from_run  # imports torch: after the checks
+    from dynheads.tasks.niah import NiahConfig
+
+    ranking, source = ranking_from_run(run_dir, layout, NiahConfig(), set(), what="run")
     chosen = top_heads(ranking, top)
     kv = kv_full_mask(chosen, layout)
     folder = out.is_dir() or not out.suffix
@@ -90,6 +99,9 @@ def _export_head_scores(run_dir: RunDir, layout: HeadLayout, out: Path) -> dict:
     from dynheads.experiments.dynamism import run_head_scores, save_head_scores
 
     per_sample = run_head_scores(run_dir)
+    if not per_sample:
+        raise DataError(f"{run_dir.path} has no correctly answered sample: Wu et al.'s head scores average over "
+                        "correct answers, so there is nothing to export")
     path = out / "head_scores.json" if out.is_dir() else out
     path.parent.mkdir(parents=True, exist_ok=True)
     save_head_scores(path, layout, per_sample)

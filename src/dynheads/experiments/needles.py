@@ -15,9 +15,10 @@ turnover (claim 1) for needle specificity, so it compares like with like: each s
 labelled with its needle (the one most heads copy from; ties → lower index) and its set D_t (the
 heads copying from that needle); over consecutive copying steps of one sample, the Jaccard where
 the needle *stays* the same is compared with the Jaccard where it *switches*. Samples with at least
-one pair of each kind count; the paired difference stay − switch over samples (bootstrap 95%
-interval above zero and Wilcoxon p < 0.05) → the model uses different heads for different needles;
-otherwise that is not shown (with fewer than 6 samples Wilcoxon cannot reach p < 0.05).
+one pair of each kind count; the paired difference stay − switch over samples, judged by the rule
+every paired verdict uses (`stats.paired_verdict`: bootstrap 95% interval above zero, Wilcoxon
+p < 0.05, at least MIN_PAIRS samples) → the model uses different heads for different needles;
+otherwise that is not shown, or with fewer eligible samples "not comparable: n = …".
 """
 from __future__ import annotations
 
@@ -28,13 +29,11 @@ import numpy as np
 
 from dynheads.errors import ConfigError, DataError
 from dynheads.experiments.dynamism import jaccard
-from dynheads.experiments.stats import paired_difference
+from dynheads.experiments.stats import ABOVE, paired_difference, paired_verdict
 from dynheads.heads import HeadLayout
 from dynheads.runs import RunDir
 from dynheads.scores.copy_paste import in_spans
 
-MIN_SAMPLES = 3  # below this many eligible samples the verdict is "cannot tell"
-ALPHA = 0.05  # "yes" needs the bootstrap interval above zero and Wilcoxon p below this
 PARTS = ("value", "needle")  # what of a needle counts as copying from it (see `run`)
 
 
@@ -97,7 +96,7 @@ def needle_head_stats(index: np.ndarray, sample_ids: np.ndarray, n_needles: int,
             within.append(w)
             between.append(b)
     diff = (asdict(paired_difference(np.array(within), np.array(between), np.random.default_rng(seed)))
-            if len(within) >= MIN_SAMPLES else None)
+            if within else None)
     recall = [_nan_none(float(np.mean([f[i] for f in found.values()]))) if found else None for i in range(n_needles)]
     return NeedleStats(
         n_needles=n_needles, mode=mode, part=part, n_samples=len(set(sample_ids.tolist())),
@@ -108,7 +107,7 @@ def needle_head_stats(index: np.ndarray, sample_ids: np.ndarray, n_needles: int,
         pooled_jaccard=pooled, n_eligible=len(within),
         between=float(np.mean(between)) if between else None, within=float(np.mean(within)) if within else None,
         lags=tuple(float(np.mean(x)) if x else None for x in lags),
-        difference=diff, verdict=_verdict(diff, len(within)), counts=counts.tolist(),
+        difference=diff, verdict=_verdict(diff), counts=counts.tolist(),
     )
 
 
@@ -190,12 +189,12 @@ def _switch_jaccards(flat: np.ndarray, n_needles: int) -> tuple[float | None, fl
     return mean(stay), mean(switch), lag_stay, lag_switch
 
 
-def _verdict(diff: dict | None, n: int) -> str:
-    if diff is None:
-        return f"cannot tell ({n} eligible samples, need {MIN_SAMPLES})"
-    gap = (f"stay − switch {diff['mean_difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}], "
-           f"Wilcoxon p = {diff['p_value']:.3g}, n = {diff['n']}")
-    if diff["low"] > 0 and diff["p_value"] < ALPHA:
+def _verdict(diff: dict | None) -> str:
+    paired = paired_verdict(diff)
+    if not paired.comparable:
+        return f"not comparable: {paired.too_few('eligible samples')}"
+    gap = f"stay − switch {paired.summary}"
+    if paired.outcome == ABOVE:
         return f"yes: the heads change more when the copied needle switches than between steps of one needle ({gap})"
     return f"not shown: a needle switch did not change the heads clearly more than the next step of one needle ({gap})"
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from dynheads.errors import ConfigError, DynheadsError, Interrupted
+from dynheads.errors import ConfigError, DataError, DynheadsError, Interrupted
 
 DEFAULT_HOTPOTQA = "../shared/data/hotpotqa/hotpotqa_dev_distractor_first100_hf.json"
 STATE = "reproduce.json"
@@ -151,7 +151,11 @@ def reproduce(model: str, p: Preset, out: str | Path, preset_name: str = "custom
 
     `load(model)` loads the model lazily, only when a model step still has work to do.
     """
+    from dynheads.runs import check_out
+
     out = Path(out)
+    check_out(out)  # everything that needs no model, before the folder or the model
+    check_hotpotqa(p)
     todo = steps(p, out, model)
     unknown = sorted(set(only or ()) - {s.name for s in todo})
     if unknown:
@@ -186,11 +190,35 @@ def reproduce(model: str, p: Preset, out: str | Path, preset_name: str = "custom
     return state
 
 
+def check_hotpotqa(p: Preset) -> None:
+    """The HotpotQA slices, before anything runs: detection and evaluation records must not overlap (the RAG
+    step would refuse them only after the multi-hop step), and a file given instead of the default must exist
+    and hold both slices. A missing *default* file is not an error: its steps are recorded as skipped."""
+    (da, db), (ea, eb) = p.multihop_records, p.rag_records
+    for name, (a, b) in (("detection", p.multihop_records), ("evaluation", p.rag_records)):
+        if not 0 <= a < b:
+            raise ConfigError(f"HotpotQA {name} records {a}-{b} are empty or negative")
+    if max(da, ea) < min(db, eb):
+        hint = f"; here --rag-questions can be at most {da - ea}" if ea < da else ""
+        raise ConfigError(f"HotpotQA evaluation records {ea}-{eb} overlap the detection records {da}-{db}: Dynamic "
+                          f"RAG must be evaluated on other questions than its heads were detected on{hint}")
+    src = Path(p.hotpotqa)
+    if p.hotpotqa == DEFAULT_HOTPOTQA and not src.exists():
+        return
+    if not src.is_file():
+        raise ConfigError(f"--hotpotqa {src} {'is a folder' if src.is_dir() else 'does not exist'}")
+    n = len(_hotpotqa_records(src))
+    if max(db, eb) > n:
+        raise ConfigError(f"{src} has {n} records; records {da}-{db} (detection) and {ea}-{eb} (evaluation) "
+                          "are requested")
+
+
 def read_state(out: str | Path) -> dict[str, Any]:
+    """The reproduction state of `out` (reproduce.json), checked to be one."""
     path = Path(out) / STATE
     if not path.is_file():
         raise ConfigError(f"{out} holds no reproduction ({STATE} is missing); run `dynheads reproduce` first")
-    return json.loads(path.read_text())
+    return _load_state(path)
 
 
 # --- internals -----------------------------------------------------------------------------
@@ -200,15 +228,10 @@ def _count(records: tuple[int, int]) -> int:
 
 def _split(p: Preset, out: Path) -> tuple[Path, Path]:
     """Write the detection and evaluation question files (disjoint record slices of p.hotpotqa)."""
-    from dynheads.errors import DataError
-
     src = Path(p.hotpotqa)
     if not src.is_file():
         raise DataError(f"HotpotQA file {src} not found (give --hotpotqa)")
-    try:
-        records = json.loads(src.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{src} is not a JSON list of HotpotQA records") from None
+    records = _hotpotqa_records(src)
     folder = out / "data"
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "hotpotqa_detection.json", folder / "hotpotqa_eval.json"
@@ -219,14 +242,22 @@ def _split(p: Preset, out: Path) -> tuple[Path, Path]:
     return paths
 
 
+def _hotpotqa_records(src: Path) -> list:
+    try:
+        records = json.loads(src.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        records = None
+    if not isinstance(records, list):
+        raise DataError(f"{src} is not a JSON list of HotpotQA records")
+    return records
+
+
 def _run_rag(lm, p: Preset, out: Path):
     from dynheads.experiments import rag as rag_exp
     from dynheads.tasks.multihop import MultihopConfig
     from dynheads.rag.loop import RagConfig
 
     if not (out / "multihop" / "samples").is_dir():
-        from dynheads.errors import DataError
-
         raise DataError("the multihop detection run is missing (its step was skipped)")
     settings = rag_exp.RagSettings(MultihopConfig(str(_split(p, out)[1]), None, "auto", "short", p.prompt_style),
                                    p.rag_strategies,
@@ -241,7 +272,7 @@ def _open_state(out: Path, model: str, p: Preset, preset_name: str) -> dict[str,
     config = {"model": model, "preset": preset_name, "sizes": json.loads(json.dumps(asdict(p)))}
     path = out / STATE
     if path.is_file():
-        state = json.loads(path.read_text())
+        state = _load_state(path)
         diff = _first_difference(state["config"], config)
         if diff:
             raise ConfigError(f"{out} holds a reproduction with other settings ({diff}); use another --out")
@@ -249,6 +280,19 @@ def _open_state(out: Path, model: str, p: Preset, preset_name: str) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     state = {"config": config, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": {}}
     _write_state(out, state)
+    return state
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    """reproduce.json as written by `_write_state`; anything else is one DataError."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"{path} is not JSON: it was not written by `dynheads reproduce`, or is damaged") from None
+    shape = isinstance(state, dict) and isinstance(state.get("config"), dict) and isinstance(state.get("steps"), dict)
+    if not shape or not isinstance(state["config"].get("sizes"), dict):
+        raise DataError(f"{path} is not a reproduction state (a JSON object with 'config' and 'steps'); it was not "
+                        "written by `dynheads reproduce`, or is damaged")
     return state
 
 

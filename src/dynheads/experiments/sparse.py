@@ -26,7 +26,7 @@ from dynheads.errors import ConfigError
 from dynheads.experiments.stats import sample_rng
 from dynheads.experiments.head_policies import BUDGETLESS, build_policy, policies
 from dynheads.experiments.static_ranking import load_static_ranking, ranking_from_run
-from dynheads.experiments.stats import bootstrap_ci, paired_difference
+from dynheads.experiments.stats import ABOVE, ALPHA, BELOW, MIN_PAIRS, bootstrap_ci, paired_difference, paired_verdict
 from dynheads.models import LoadedModel
 from dynheads.runs import RunDir
 from dynheads.scores.base import get_score
@@ -59,6 +59,11 @@ class SparseConfig:
             policies.get(name)
         if not self.policies or not self.budgets:
             raise ConfigError("--policies and --budgets must not be empty")
+        if min(self.budgets) < 1:
+            raise ConfigError(f"--budgets: a budget of {min(self.budgets)} opens no head (that is the 'streaming' "
+                              "policy); give budgets of at least 1")
+        if self.n_boot < 1:
+            raise ConfigError(f"--n-boot must be at least 1, got {self.n_boot}")
 
 
 def conditions(config: SparseConfig) -> list[tuple[str, str, int | None]]:
@@ -110,14 +115,15 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task: dict[str, An
 
     units = config.sparsity.units(lm.layout.n_heads, lm.layout.n_kv_heads)
     shape = (lm.layout.n_layers, units)
-    bad = [k for k in config.budgets if not 0 <= k <= lm.layout.n_layers * units]
+    bad = [k for k in config.budgets if not 1 <= k <= lm.layout.n_layers * units]
     if bad:
-        raise ConfigError(f"budget {bad[0]} is outside 0..{lm.layout.n_layers * units} ({config.sparsity.unit} heads)")
-    detection = RunDir.open(Path(config.detection).expanduser())
+        raise ConfigError(f"budget {bad[0]} is outside 1..{lm.layout.n_layers * units} ({config.sparsity.unit} heads)")
+    detection = RunDir.open(Path(config.detection).expanduser(), what="detection run")
     det_cfg = detection.config
     ids = {e.sample.id for e in samples}
     _check_disjoint(detection, task, ids)
-    ranking, source = ranking_from_run(detection, lm.layout, niah or NiahConfig(), ids if niah else set())
+    ranking, source = ranking_from_run(detection, lm.layout, niah or NiahConfig(), ids if niah else set(),
+                                       what="detection run")
     if config.static_ranking is not None:
         ranking, source = load_static_ranking(config.static_ranking, lm, niah or NiahConfig(), ids if niah else set(),
                                               niah or NiahConfig(), Path(out), trace, quiet)
@@ -161,24 +167,27 @@ def summarise(rows: list[dict], config: SparseConfig) -> dict:
             "verdict": verdict([t for t in tests if t["a"].startswith("predicted@")])}
 
 
-def verdict(tests: list[dict], alpha: float = 0.05) -> str:
+def verdict(tests: list[dict]) -> str:
     """The answer to 'does predicted beat static at equal budget, and from which budget on' (accuracy).
 
-    A budget counts as a win when the 95% bootstrap CI of the paired accuracy difference lies above 0 *and*
-    the Wilcoxon signed-rank p < alpha: the bootstrap alone calls a single lucky sample a win (its CI is
-    the one value), the test needs enough discordant pairs. Losses are the mirror image.
+    A budget is a win (a loss) when the paired accuracy difference is shown above (below) zero by the
+    rule every paired verdict uses (`stats.paired_verdict`: 95% bootstrap interval, Wilcoxon p < 0.05,
+    at least MIN_PAIRS samples): the interval alone calls a single lucky sample a win.
     """
     acc = sorted((t for t in tests if t["metric"] == "accuracy"), key=lambda t: t["budget"])
     if not acc:
         return "predicted vs static not compared (both policies are needed)"
-    won = lambda t: t["low"] > 0 and t["p_value"] < alpha  # noqa: E731
-    wins = [t["budget"] for t in acc if won(t)]
-    losses = [t["budget"] for t in acc if t["high"] < 0 and t["p_value"] < alpha]
-    rule = f"95% CI of the paired accuracy difference above 0 and Wilcoxon p < {alpha:g}"
+    calls = [paired_verdict(t) for t in acc]
+    if not all(c.comparable for c in calls):
+        return f"not comparable: {next(c for c in calls if not c.comparable).too_few('samples')}"
+    rule = (f"95% CI of the paired accuracy difference above 0, Wilcoxon p < {ALPHA:g} and at least "
+            f"{MIN_PAIRS} samples")
+    wins = [t["budget"] for t, c in zip(acc, calls) if c.outcome == ABOVE]
+    losses = [t["budget"] for t, c in zip(acc, calls) if c.outcome == BELOW]
     if not wins:
         return (f"predicted does not beat static at any budget (needs {rule})"
                 + (f"; static is better at k = {losses}" if losses else ""))
-    from_k = next((k for i, k in enumerate(t["budget"] for t in acc) if all(won(t) for t in acc[i:])), None)
+    from_k = next((t["budget"] for i, t in enumerate(acc) if all(c.outcome == ABOVE for c in calls[i:])), None)
     tail = f", at every budget from k = {from_k} on" if from_k is not None else ""
     return f"predicted beats static at k = {wins} ({rule}){tail}"
 

@@ -65,28 +65,31 @@ def ranking_from_head_scores(path: Path, layout: HeadLayout) -> np.ndarray:
     return ranking
 
 
-def ranking_from_run(run: RunDir, layout: HeadLayout, niah: NiahConfig, sample_ids: set[str]) -> tuple[np.ndarray, dict]:
-    """Activation frequency of every head in a traced run that shares no sample with this one."""
+def ranking_from_run(run: RunDir, layout: HeadLayout, niah: NiahConfig, sample_ids: set[str],
+                     what: str = "static ranking") -> tuple[np.ndarray, dict]:
+    """Activation frequency of every head in a traced run that shares no sample with this one.
+
+    `what` names the run in messages (`sparse` reads its --detection run through here)."""
     from dynheads.scores.base import get_score
 
     cfg = run.config
     if "score" not in cfg or "layout" not in cfg:
-        raise ConfigError(f"static ranking {run.path} is not a traced detection run (no score in its config)")
+        raise ConfigError(f"{what} {run.path} is not a traced detection run (no score in its config)")
     theirs = cfg["layout"]
     if (theirs["n_layers"], theirs["n_heads"]) != layout.shape:
-        raise ConfigError(f"static ranking {run.path} has {theirs['n_layers']} layers × {theirs['n_heads']} heads; "
+        raise ConfigError(f"{what} {run.path} has {theirs['n_layers']} layers × {theirs['n_heads']} heads; "
                           f"the model has {layout.n_layers} × {layout.n_heads}")
     task = cfg.get("task", {})
     same_source = (cfg.get("kind") == "niah" and task.get("seed") == niah.seed
                    and task.get("haystack") == niah.haystack and task.get("needles") == niah.needles)
     shared = sorted(run.done_samples() & sample_ids) if same_source else []
     if shared:
-        raise ConfigError(f"static ranking {run.path} was detected on the same samples ({shared[0]}, seed {niah.seed}); "
+        raise ConfigError(f"{what} {run.path} was detected on the same samples ({shared[0]}, seed {niah.seed}); "
                           "use a detection run with another --seed")
     try:
         records = run.read_records()
     except DataError:
-        raise ConfigError(f"static ranking {run.path} has no finished samples") from None
+        raise ConfigError(f"{what} {run.path} has no finished samples") from None
     active = get_score(cfg["score"]["name"]).active(records.array("score"))
     return activation_frequency(active), {"kind": "run", "path": str(run.path), "n_samples": len(records.samples()),
                                           "n_steps": int(len(active)), "seed": task.get("seed")}

@@ -6,8 +6,8 @@ strongly dependent. Every function that draws takes an `np.random.Generator`; no
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from scipy import stats as sps
@@ -16,6 +16,15 @@ from dynheads.errors import DataError
 
 # metric(sums [..., m]) -> [...]: a statistic computed from summed per-row statistics.
 SumMetric = Callable[[np.ndarray], np.ndarray]
+
+# The rule of every paired verdict (`paired_verdict`): claim 2, Dynamic RAG, head-sparse, multi-needle.
+ALPHA = 0.05  # Wilcoxon signed-rank, two-sided
+# Fewest pairs a paired verdict reads. The exact Wilcoxon test cannot reach p < 0.05 below 6 pairs at
+# all (its smallest two-sided p is 2 / 2^n: 0.0625 at n = 5, 0.031 at n = 6, where every pair must agree);
+# at 10 it tolerates up to 3 discordant pairs of the smallest ranks, and the percentile bootstrap interval
+# resamples 10 units (at n = 1 it is the single value itself, a width-0 "interval").
+MIN_PAIRS = 10
+ABOVE, BELOW, NOT_SHOWN, TOO_FEW = "above zero", "below zero", "not shown", "too few pairs"
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,47 @@ class MetricGap:
     high: float | None
     n_samples: int
     excludes_zero: bool  # low > 0: a beats b at the stated confidence
+
+
+@dataclass(frozen=True)
+class PairedVerdict:
+    """What one paired difference a − b shows under the shared rule (see `paired_verdict`)."""
+
+    outcome: str  # ABOVE or BELOW (shown), NOT_SHOWN, or TOO_FEW (not comparable)
+    n: int  # pairs
+    summary: str  # the difference, its interval, the test and n, for messages
+
+    @property
+    def comparable(self) -> bool:
+        return self.outcome != TOO_FEW
+
+    def too_few(self, unit: str = "pairs") -> str:
+        """Why there are too few pairs (a verdict then reads "not comparable: <this>")."""
+        return f"n = {self.n} {unit}, fewer than the {MIN_PAIRS} a paired verdict needs"
+
+
+def paired_verdict(diff: PairedDifference | Mapping[str, Any] | None, min_pairs: int = MIN_PAIRS,
+                   alpha: float = ALPHA) -> PairedVerdict:
+    """The one rule of every paired verdict: a − b is shown above (below) zero when its 95% bootstrap
+    interval lies above (below) zero, its Wilcoxon signed-rank p < `alpha`, and it rests on at least
+    `min_pairs` pairs; with fewer pairs nothing is shown (TOO_FEW). The interval alone calls one lucky
+    pair a win (its interval is that one value); the test alone ignores the size of the difference.
+
+    `diff`: a PairedDifference or its dict (mean_difference, low, high, p_value, n); None = no pairs.
+    """
+    if diff is None:
+        return PairedVerdict(TOO_FEW, 0, "no pairs")
+    d = diff if isinstance(diff, Mapping) else asdict(diff)
+    n = int(d["n"])
+    summary = (f"{d['mean_difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], "
+               f"Wilcoxon p = {d['p_value']:.3g}, n = {n}")
+    if n < min_pairs:
+        return PairedVerdict(TOO_FEW, n, summary)
+    if d["p_value"] < alpha and d["low"] > 0:
+        return PairedVerdict(ABOVE, n, summary)
+    if d["p_value"] < alpha and d["high"] < 0:
+        return PairedVerdict(BELOW, n, summary)
+    return PairedVerdict(NOT_SHOWN, n, summary)
 
 
 def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, n_boot: int = 2000, ci: float = 0.95) -> Interval:

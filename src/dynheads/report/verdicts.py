@@ -1,8 +1,10 @@
 """A verdict per claim, computed from the collected numbers by the rules written in the README.
 
 Each claim first checks that the comparison is meaningful (the model does the task: NIAH accuracy,
-or full-context EM for Dynamic RAG); if not, the verdict is "not comparable" with the number that
-says why. Otherwise every check must pass for "reproduced"; the first failing check is the reason.
+or full-context EM for Dynamic RAG; enough samples or pairs); if not, the verdict is "not comparable"
+with the number that says why. Otherwise every check must pass for "reproduced"; the first failing
+check is the reason. Paired comparisons (claim 2, Dynamic RAG) go through the one rule of
+`stats.paired_verdict` (interval excludes zero, Wilcoxon p < 0.05, at least `MIN_PAIRS` pairs).
 """
 from __future__ import annotations
 
@@ -10,11 +12,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynheads.experiments.stats import ABOVE, BELOW, MIN_PAIRS, paired_verdict
+
 MIN_TASK_ACCURACY = 0.5  # below this the model does not do the task the claim is about
 MIN_FULL_CONTEXT_EM = 0.2  # Dynamic RAG: the paper's weakest "w/o RAG" row is 0.17 EM
 NEAR_ZERO = 0.1  # "accuracy ~0" in Fig. 2 / Fig. 3
 J_STATIC_MAX = 0.5  # Table 1: "only a small part of the static set is active at any step" (paper 0.18-0.46)
 J_ADJ_MAX = 0.6  # Table 1: "the active set turns over quickly" (paper 0.28-0.51)
+# Fewest NIAH samples behind a claim-1 or claim-3 verdict; below, "not comparable: n = …". One principle
+# with the paired rule: no interval a verdict reads is a bootstrap over fewer than MIN_PAIRS units.
+MIN_CLAIM1_SAMPLES = MIN_PAIRS  # Table 1's intervals resample the run's samples
+MIN_CLAIM3_SAMPLES = 10 * MIN_PAIRS  # the k = 0 probe is tested on 10% of the samples (split 70/20/10)
 
 REPRODUCED, NOT_REPRODUCED, NOT_COMPARABLE = "reproduced", "not reproduced", "not comparable"
 
@@ -36,6 +44,8 @@ def claim1(data: dict[str, Any]) -> Verdict:
     dyn, ci, rows = data["niah"]["dynamism"], data["niah"]["table1_ci"], data["niah"]["samples"]
     if not dyn or not rows:
         return Verdict(name, NOT_COMPARABLE, _missing(data, "dynamism"))
+    if len(rows) < MIN_CLAIM1_SAMPLES:
+        return Verdict(name, NOT_COMPARABLE, _too_few(len(rows), MIN_CLAIM1_SAMPLES, "claim 1"))
     acc = _mean([r["accuracy"] for r in rows])
     if acc < MIN_TASK_ACCURACY:
         return Verdict(name, NOT_COMPARABLE, f"the model answers only {acc:.2f} of NIAH samples")
@@ -67,8 +77,11 @@ def claim2(data: dict[str, Any]) -> Verdict:
     for other in ("static_excluding_dynamic", "random"):
         t = tests.get(("dynamic", other))
         if t:
-            checks.append((f"dynamic − {other} accuracy {t['mean_difference']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}] "
-                           "(must be below zero)", t["high"] < 0))
+            paired = paired_verdict(t)
+            if not paired.comparable:
+                return Verdict(name, NOT_COMPARABLE, paired.too_few("samples"))
+            checks.append((f"dynamic − {other} accuracy {paired.summary} (must be below zero: interval and "
+                           "Wilcoxon)", paired.outcome == BELOW))
     return _decide(name, checks)
 
 
@@ -77,6 +90,9 @@ def claim3(data: dict[str, Any]) -> Verdict:
     cca, probe = data["niah"]["cca"], data["niah"]["probes"].get(0) or data["niah"]["probes"].get("0")
     if not cca or not probe:
         return Verdict(name, NOT_COMPARABLE, _missing(data, "cca" if not cca else "probe_k0"))
+    n = len(data["niah"]["samples"])
+    if n < MIN_CLAIM3_SAMPLES:
+        return Verdict(name, NOT_COMPARABLE, _too_few(n, MIN_CLAIM3_SAMPLES, "claim 3"))
     checks = []
     by_k = {o["k"]: o for o in cca["offsets"]}
     for k in (0, 1):
@@ -109,9 +125,11 @@ def rag(data: dict[str, Any]) -> Verdict:
                        "the full context visible")
     if "dynamic" not in strat or "static" not in strat:
         return Verdict(name, NOT_COMPARABLE, "the run lacks the dynamic or static strategy")
-    vs = res["vs_static"]["dynamic"]["f1"]
-    checks = [(f"dynamic − static F1 {vs['mean_difference']:+.3f} [{vs['low']:+.3f}, {vs['high']:+.3f}] (must be above zero)",
-               vs["low"] > 0)]
+    paired = paired_verdict(res["vs_static"]["dynamic"]["f1"])
+    if not paired.comparable:
+        return Verdict(name, NOT_COMPARABLE, paired.too_few("questions"))
+    checks = [(f"dynamic − static F1 {paired.summary} (must be above zero: interval and Wilcoxon)",
+               paired.outcome == ABOVE)]
     if "none" in strat:
         gap = strat["dynamic"]["f1"]["estimate"] - strat["none"]["f1"]["estimate"]
         checks.append((f"dynamic F1 − w/o RAG {gap:+.3f} (must be above zero)", gap > 0))
@@ -125,6 +143,10 @@ def _decide(name: str, checks: list[tuple[str, bool]]) -> Verdict:
     if failed:
         return Verdict(name, NOT_REPRODUCED, "check failed: " + failed[0], checks)
     return Verdict(name, REPRODUCED, f"all {len(checks)} checks pass", checks)
+
+
+def _too_few(n: int, minimum: int, claim: str) -> str:
+    return f"n = {n} NIAH samples, fewer than the {minimum} {claim} needs"
 
 
 def _missing(data: dict[str, Any], step: str) -> str:

@@ -26,6 +26,9 @@ STATIC_TOP = 20
 
 def write_view(run_dir: str | Path, sample_id: str | None, out: str | Path, tokenizer=None) -> Path:
     """Write the viewer page of one sample (default: the first finished one) to `out`."""
+    from dynheads.runs import check_out_file
+
+    check_out_file(out)  # a folder, or a path under a file, fails before the page is built
     data = view_data(run_dir, sample_id, tokenizer)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -35,10 +38,12 @@ def write_view(run_dir: str | Path, sample_id: str | None, out: str | Path, toke
 
 def view_data(run_dir: str | Path, sample_id: str | None = None, tokenizer=None) -> dict[str, Any]:
     """The JSON the page embeds (see the module docstring)."""
-    from dynheads.models import load_tokenizer
-
     run = RunDir.open(run_dir)
-    cfg, rows = run.config, run.sample_results()
+    cfg = run.config
+    missing = [k for k in ("kind", "layout", "model") if k not in cfg]
+    if missing:
+        raise DataError(f"{run.path}/config.json has no '{missing[0]}': it is not the config of a traced run")
+    rows = run.sample_results()
     if not rows:
         raise DataError(f"{run.path} has no finished samples")
     by_id = {r["id"]: r for r in rows}
@@ -46,6 +51,8 @@ def view_data(run_dir: str | Path, sample_id: str | None = None, tokenizer=None)
         raise DataError(f"sample '{sample_id}' is not in {run.path} (have e.g. {rows[0]['id']})")
     row = by_id[sample_id] if sample_id else rows[0]
     layout = HeadLayout(**cfg["layout"])
+    from dynheads.models import load_tokenizer  # imports torch: after the run folder is checked
+
     tok = tokenizer or load_tokenizer(cfg["model"].get("path") or cfg["model"]["source"])
     prompt_ids = _prompt_ids(row, tok)
     decode = lambda ids: [tok.decode([int(i)]) for i in ids]  # noqa: E731

@@ -6,9 +6,12 @@ every experiment runs unchanged: the driver builds the run folder, its config an
 with a weightless copy of the model (meta device), and ships the experiment's per-sample work
 function to the actors once per run. While pickling it, every reference to the driver's model
 (the LoadedModel, its module and tokenizer, and Tracers over it) is replaced by a placeholder
-that each actor resolves to its own loaded model. Finished samples come back to the driver, which
-writes them with the same atomic per-sample rule as a local run; a worker that dies has its
-unfinished samples handed to the others, and a rerun finishes whatever is missing.
+that each actor resolves to its own loaded model. No actor reads or writes the run folder or an
+input file: work that needs per-sample data from the run folder (`SampleWorkWithInputs`, e.g. the
+ablation's first pass) has it read by the driver and sent with each sample, and work that holds a
+RunDir is refused before any actor starts. Finished samples come back to the driver, which writes
+them with the same atomic per-sample rule as a local run; a worker that dies has its unfinished
+samples handed to the others, and a rerun finishes whatever is missing.
 """
 from __future__ import annotations
 
@@ -64,10 +67,11 @@ class SampleWorker:
     def ready(self) -> int:
         return os.getpid()
 
-    def run(self, blob: bytes, key: str, encoded) -> tuple[dict, dict]:
+    def run(self, blob: bytes, key: str, encoded, *inputs) -> tuple[dict, dict]:
+        """One sample; `inputs`: what the driver read for it (SampleWorkWithInputs), else nothing."""
         if key not in self._work:
             self._work = {key: load_work(blob, self.lm)}  # one run at a time per actor
-        return self._work[key](encoded)
+        return self._work[key](encoded, *inputs)
 
 
 class RayPool:
@@ -118,13 +122,15 @@ class RayPool:
         from ray.exceptions import RayActorError
         from tqdm import tqdm
 
-        from dynheads.tracing.runner import interrupted, write_sample
+        from dynheads.tracing.runner import SampleWorkWithInputs, interrupted, write_sample
 
         done = run.done_samples()
         queue = deque((order, enc) for order, enc in enumerate(samples) if enc.sample.id not in done)
         if not queue:
             return 0
-        blob = dump_work(work, driver_lm)  # before any actor starts: work that cannot be shipped fails fast
+        read_inputs = work.read_inputs if isinstance(work, SampleWorkWithInputs) else None
+        shipped = work.work if read_inputs is not None else work
+        blob = dump_work(shipped, driver_lm)  # before any actor starts: work that cannot be shipped fails fast
         if not self.started:
             self.start()
         key, ref = hashlib.sha256(blob).hexdigest(), ray.put(blob)
@@ -137,7 +143,8 @@ class RayPool:
                 while queue and min(load.values()) < IN_FLIGHT:  # round-robin: the least loaded actor first
                     a = min(load, key=load.get)
                     order, enc = queue.popleft()
-                    flight[a.run.remote(ref, key, enc)] = (a, order, enc)
+                    inputs = () if read_inputs is None else (read_inputs(enc),)  # read here, sent with the sample
+                    flight[a.run.remote(ref, key, enc, *inputs)] = (a, order, enc)
                     load[a] += 1
                 ready, _ = ray.wait(list(flight), num_returns=1)
                 a, order, enc = flight.pop(ready[0])
@@ -174,9 +181,13 @@ class RayPool:
 
 
 def dump_work(work, driver_lm) -> bytes:
-    """Pickle a per-sample work function with the driver's model replaced by placeholders."""
+    """Pickle a per-sample work function with the driver's model replaced by placeholders.
+
+    Work holding a run folder is refused: an actor must not need the driver's disk.
+    """
     from ray import cloudpickle
 
+    from dynheads.runs import RunDir
     from dynheads.tracing.tracer import Tracer
 
     class DriverPickler(cloudpickle.Pickler):
@@ -192,6 +203,9 @@ def dump_work(work, driver_lm) -> bytes:
             if getattr(obj, "is_meta", False):
                 raise DynheadsError("a per-sample work function holds a weightless (meta) tensor of the driver; "
                                     "it can only run locally")
+            if isinstance(obj, RunDir):
+                raise DynheadsError(f"a per-sample work function holds the run folder {obj.path}; a Ray worker "
+                                    "must not read it (read per-sample data on the driver: SampleWorkWithInputs)")
             return None
 
     buf = io.BytesIO()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,14 @@ class Cell:
 def load_spec(path: str | Path) -> list[Cell]:
     """Cells of a SPEC file in run order (models outermost); bad specs are one-line ConfigErrors."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"sweep spec {path} is a folder; give the TOML file")
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"sweep spec {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read sweep spec {path} ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"sweep spec {path} is not valid TOML: {exc}") from None
     return cells_of(raw, str(path))
@@ -116,6 +121,12 @@ def _expand(exp: Any, index: int, model: ModelSpec, default_seeds: list[int], wh
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: grid '{key}' must be a non-empty list of values")
+    types = _param_types(command.run)
+    for key, value in fixed.items():
+        _check_type(key, value, types.get(key), known[key], where)
+    for key, values in grid.items():
+        for value in values:
+            _check_type(key, value, types.get(key), known[key], f"{where}: grid")
     seeds = _seeds(exp["seeds"], where) if "seeds" in exp else default_seeds
     if "seed" not in known:
         seeds = [None]
@@ -129,6 +140,45 @@ def _expand(exp: Any, index: int, model: ModelSpec, default_seeds: list[int], wh
             parts += [] if seed is None else [f"seed{seed}"]
             cells.append(Cell(safe_name("__".join(parts)), model, name, params))
     return cells
+
+
+def _param_types(run) -> dict[str, Any]:
+    """The annotated types of a command's parameters (`int`, `str | None`, …)."""
+    try:
+        return typing.get_type_hints(run)
+    except (NameError, TypeError):  # an annotation that does not resolve: defaults decide
+        return {}
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    return True  # a type TOML cannot spell: the command's own check decides
+
+
+def _check_type(key: str, value: Any, hint: Any, default: Any, where: str) -> None:
+    """A SPEC value must have the type of its command parameter (TOML types: the CLI's own parsing does not
+    run here), so a wrong type is one ConfigError before any model loads, not a crash inside a run."""
+    if hint is None:
+        if isinstance(default, tuple):  # a list flag: a TOML array of plain values, or comma-separated text
+            plain = isinstance(value, list) and value and all(
+                isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)
+            if not (plain or isinstance(value, str)):
+                raise ConfigError(f"{where}: '{key}' expects a non-empty list of values, got {value!r}")
+        return
+    kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
+    if not any(_fits(value, k) for k in kinds):
+        want = " or ".join(_TYPE_NAMES.get(k, getattr(k, "__name__", str(k))) for k in kinds)
+        raise ConfigError(f"{where}: '{key}' expects {want}, got {value!r}")
 
 
 def _model(entry: Any, where: str) -> ModelSpec:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -33,6 +34,22 @@ def first_checked(samples: Iterable[T]) -> Iterator[T]:
     items = iter(samples)
     first = next(items, None)
     return items if first is None else itertools.chain([first], items)
+
+
+@dataclass(frozen=True)
+class SampleWorkWithInputs:
+    """Per-sample work that needs per-sample data from the run folder (e.g. a first pass stored there).
+
+    `read_inputs(encoded)` runs where the run folder is (this process, or a distributed runner's
+    driver); `work(encoded, inputs)` wherever samples run. A distributed runner ships `work` once and
+    each sample's inputs with the sample, so no worker needs the run folder's disk.
+    """
+
+    work: Callable[[EncodedSample, Any], tuple[dict[str, np.ndarray], dict[str, Any]]]
+    read_inputs: Callable[[EncodedSample], Any]
+
+    def __call__(self, encoded: EncodedSample) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return self.work(encoded, self.read_inputs(encoded))
 
 
 # Drives `work` over the unfinished samples into a run folder: `run_samples` here, or a distributed

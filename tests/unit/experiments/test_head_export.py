@@ -74,3 +74,36 @@ def test_retrieval_head_export_is_wu_et_al_head_scores(tmp_path):
     scores = json.loads((tmp_path / "hs.json").read_text())
     assert summary["n_samples"] == 1 and len(scores) == 8
     assert scores["1-3"] == [2.0] and scores["0-0"] == [1.5] and scores["0-1"] == [0.0]  # hits / 2 answer tokens
+
+
+def test_export_checks_every_argument_before_writing(tmp_path):
+    run = _run(tmp_path / "det")
+    with pytest.raises(ConfigError, match="--sink must be >= 0 and --recent >= 1"):
+        export_heads(run, "duo", tmp_path / "duo", top=2, sink=-1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="file is a file, so nothing can be written under it"):
+        export_heads(run, "duo", tmp_path / "file" / "duo", top=2)
+    assert not (tmp_path / "duo").exists()
+
+
+def test_retrieval_head_export_with_no_correct_sample_is_refused(tmp_path):
+    """Wu et al.'s scores average over correct answers: with none there is nothing to write (not 8 empty lists)."""
+    from dynheads.errors import DataError
+
+    run = _run(tmp_path / "det")
+    row = json.loads((run.path / "samples" / "niah-500-0-0.json").read_text())
+    (run.path / "samples" / "niah-500-0-0.json").write_text(json.dumps({**row, "accuracy": 0.0}))
+    with pytest.raises(DataError, match="has no correctly answered sample"):
+        export_heads(run, "retrieval_head", tmp_path / "scores.json")
+    assert not (tmp_path / "scores.json").exists()
+
+
+def test_a_ranking_run_is_named_by_its_role(tmp_path):
+    """`sparse` reads its --detection run through ranking_from_run: errors say "detection run", not "static ranking"."""
+    from dynheads.experiments.static_ranking import ranking_from_run
+
+    run = RunDir.create(tmp_path / "abl", {"kind": "ablation", "layout": {}})
+    with pytest.raises(ConfigError, match=f"^detection run {tmp_path / 'abl'} is not a traced detection run"):
+        ranking_from_run(run, LAYOUT, NiahConfig(), set(), what="detection run")
+    with pytest.raises(ConfigError, match="^static ranking "):
+        ranking_from_run(run, LAYOUT, NiahConfig(), set())

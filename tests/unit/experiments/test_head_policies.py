@@ -92,21 +92,35 @@ def test_summary_adds_oracle_headroom_after_the_predicted_rows():
     assert with_oracle["verdict"] == without["verdict"]
 
 
+def _row(k, lo, hi, p=0.01, n=30):
+    return {"metric": "accuracy", "budget": k, "low": lo, "high": hi, "p_value": p, "n": n,
+            "mean_difference": (lo + hi) / 2}
+
+
 def test_verdict_names_the_budgets_where_predicted_wins():
-    row = lambda k, lo, hi, p=0.01: {"metric": "accuracy", "budget": k, "low": lo, "high": hi, "p_value": p}  # noqa: E731
-    assert verdict([row(1, -0.1, 0.2), row(4, 0.1, 0.3), row(8, 0.05, 0.2)]).endswith(
-        "k = [4, 8] (95% CI of the paired accuracy difference above 0 and Wilcoxon p < 0.05), "
+    assert verdict([_row(1, -0.1, 0.2), _row(4, 0.1, 0.3), _row(8, 0.05, 0.2)]).endswith(
+        "k = [4, 8] (95% CI of the paired accuracy difference above 0, Wilcoxon p < 0.05 and at least 10 samples), "
         "at every budget from k = 4 on")
-    assert verdict([row(1, -0.3, -0.1)]).startswith("predicted does not beat static")
-    assert "static is better at k = [1]" in verdict([row(1, -0.3, -0.1)])
+    assert verdict([_row(1, -0.3, -0.1)]).startswith("predicted does not beat static")
+    assert "static is better at k = [1]" in verdict([_row(1, -0.3, -0.1)])
 
 
 def test_verdict_needs_the_test_as_well_as_the_interval():
     """One sample where predicted answers and static does not: CI [1, 1], but p = 1 — not a win."""
-    row = lambda k, lo, hi, p: {"metric": "accuracy", "budget": k, "low": lo, "high": hi, "p_value": p}  # noqa: E731
-    assert verdict([row(16, 1.0, 1.0, 1.0)]).startswith("predicted does not beat static at any budget")
-    assert verdict([row(16, 0.1, 0.5, 0.04), row(32, 0.1, 0.5, 0.2)]).startswith("predicted beats static at k = [16]")
-    assert "from k" not in verdict([row(16, 0.1, 0.5, 0.04), row(32, 0.1, 0.5, 0.2)])
+    assert verdict([_row(16, 1.0, 1.0, 1.0)]).startswith("predicted does not beat static at any budget")
+    assert verdict([_row(16, 0.1, 0.5, 0.04), _row(32, 0.1, 0.5, 0.2)]).startswith("predicted beats static at k = [16]")
+    assert "from k" not in verdict([_row(16, 0.1, 0.5, 0.04), _row(32, 0.1, 0.5, 0.2)])
+
+
+def test_verdict_on_too_few_samples_is_not_comparable():
+    """Five samples where predicted answers and static does not: interval [1, 1], p = 0.0625: no verdict."""
+    acc = {"static@4": [0] * 5, "predicted@4": [1] * 5}
+    rows = [{"conditions": {c: {"accuracy": float(v[i]), "rouge_l": 0.0, "kv_read": 0.2} for c, v in acc.items()}}
+            for i in range(5)]
+    result = summarise(rows, SparseConfig("det", ("static", "predicted"), (4,), n_boot=200))
+    assert result["comparisons"][0]["p_value"] == pytest.approx(0.0625) and result["comparisons"][0]["low"] == 1.0
+    assert result["verdict"] == "not comparable: n = 5 samples, fewer than the 10 a paired verdict needs"
+    assert verdict([_row(4, 1.0, 1.0, 0.002, n=9)]).startswith("not comparable: n = 9 samples")
 
 
 def test_a_detection_run_with_the_evaluated_samples_is_refused(tmp_path):

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from dynheads.errors import DataError
-from dynheads.experiments.stats import (bootstrap_ci, bootstrap_metric, bootstrap_metric_gap, group_sums,
-                                        offset_pairs, paired_difference, previous_observed, split_by_sample)
+from dynheads.experiments.stats import (ABOVE, BELOW, MIN_PAIRS, NOT_SHOWN, TOO_FEW, bootstrap_ci, bootstrap_metric,
+                                        bootstrap_metric_gap, group_sums, offset_pairs, paired_difference,
+                                        paired_verdict, previous_observed, split_by_sample)
 
 
 def rng(seed=0):
@@ -57,6 +58,25 @@ def test_paired_difference_p_value_is_the_exact_signed_rank_test():
 def test_paired_difference_needs_equal_lengths():
     with pytest.raises(DataError, match="equal lengths"):
         paired_difference(np.zeros(3), np.zeros(4), rng())
+
+
+def test_paired_verdict_needs_the_interval_the_test_and_enough_pairs():
+    one = paired_difference(np.array([0.55]), np.array([0.5]), rng())  # interval [+0.05, +0.05], p = 1
+    assert paired_verdict(one).outcome == TOO_FEW and paired_verdict(one).n == 1
+    five = paired_difference(np.arange(1.0, 6.0), np.zeros(5), rng())  # all positive: p = 2 / 2^5
+    assert five.p_value == pytest.approx(0.0625) and five.low > 0 and paired_verdict(five).outcome == TOO_FEW
+    six = paired_difference(np.arange(1.0, 7.0), np.zeros(6), rng())  # the fewest pairs p < 0.05 allows at all
+    assert six.p_value == pytest.approx(2 / 2**6) and MIN_PAIRS == 10 and paired_verdict(six).outcome == TOO_FEW
+    assert paired_verdict(six, min_pairs=6).outcome == ABOVE
+    ten = paired_difference(np.zeros(10), np.arange(1.0, 11.0), rng())
+    assert paired_verdict(ten).outcome == BELOW
+    assert paired_verdict(ten).summary == "-5.500 [-7.300, -3.700], Wilcoxon p = 0.00195, n = 10"
+    # interval above zero, but the test does not agree: five large gains, five small losses (ranks 1-5)
+    lopsided = paired_difference(np.array([10.0, 11, 12, 13, 14, -1, -1.1, -1.2, -1.3, -1.4]), np.zeros(10), rng())
+    assert lopsided.low > 0 and lopsided.p_value > 0.05 and paired_verdict(lopsided).outcome == NOT_SHOWN
+    assert paired_verdict(None).outcome == TOO_FEW and paired_verdict(None).n == 0
+    assert paired_verdict(ten.__dict__) == paired_verdict(ten)  # the dict stored in result files reads the same
+    assert paired_verdict(five).too_few("questions") == "n = 5 questions, fewer than the 10 a paired verdict needs"
 
 
 def test_group_sums_adds_rows_of_each_sample():

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ from dynheads.rag.retrievers import (
 )
 from dynheads.registry import Spec
 
-DATA = (Path(__file__).parents[3] / "../shared/data").resolve()
+from conftest import SHARED_DATA as DATA
+
 CORPUS = DATA / "corpus/shared_qa_paragraphs.jsonl"
 IRCOT = DATA / "hotpotqa/hotpotqa_dev_distractor_ircot_first250.jsonl"
 
@@ -70,7 +70,7 @@ def test_query_from_attention_keeps_top_content_words_in_order():
 
 
 @pytest.fixture(scope="module")
-def bm25(tmp_path_factory):
+def bm25(shared_data, tmp_path_factory):
     return BM25Retriever(str(CORPUS), cache_dir=str(tmp_path_factory.mktemp("bm25")))
 
 

@@ -46,10 +46,53 @@ def test_smoke_example_is_four_niah_samples_at_1k(tmp_path):
     ({"experiments": [{"name": "niah"}, {"name": "niah", "depths": [50]}]}, "give the experiments a 'label'"),
     ({"seeds": ["a"], "experiments": [{"name": "niah"}]}, "list of integers"),
     ({"models": [{"path": "x"}], "experiments": [{"name": "niah"}]}, "table with 'source'"),
+    ({"experiments": [{"name": "niah", "grid": {"max_new_tokens": ["many", "more"]}}]},
+     "experiment 'niah': grid: 'max_new_tokens' expects an integer, got 'many'"),
+    ({"experiments": [{"name": "niah", "samples_per_cell": "two"}]}, "'samples_per_cell' expects an integer, got 'two'"),
+    ({"experiments": [{"name": "niah", "samples_per_cell": True}]}, "'samples_per_cell' expects an integer, got True"),
+    ({"experiments": [{"name": "niah", "haystack": 3}]}, "'haystack' expects a string, got 3"),
+    ({"experiments": [{"name": "niah", "lengths": {"a": 1}}]}, "'lengths' expects a non-empty list of values"),
+    ({"experiments": [{"name": "rag", "data": "q.json", "rind_threshold": "high"}]},
+     "'rind_threshold' expects a number, got 'high'"),
 ])
 def test_bad_specs_are_one_line_config_errors(raw, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         cells_of(raw)
+
+
+def test_values_of_the_parameters_types_pass():
+    raw = {"experiments": [{"name": "rag", "data": "q.json", "limit": 5, "rind_threshold": 1, "heads": "dynamic,static",
+                            "grid": {"top_k": [5, 10]}},
+                           {"name": "ablate", "lengths": "1000,2000", "depths": [0, 12.5], "random_per_step": True}]}
+    assert [c.params for c in cells_of(raw)][-1] == {"lengths": "1000,2000", "depths": [0, 12.5],
+                                                    "random_per_step": True, "seed": 0}
+
+
+def test_a_folder_given_as_the_spec_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; give the TOML file"):
+        load_spec(tmp_path)
+
+
+def test_an_unreachable_ray_address_fails_in_seconds_before_ray_loads():
+    import socket
+    import time
+
+    from dynheads.sweep.run import check_ray_address
+
+    with socket.socket() as s:  # a port that was just free: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"--ray 127.0.0.1:{port}: no Ray head reachable within 5 s"):
+        check_ray_address(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 5
+    with pytest.raises(ConfigError, match="give the HOST:PORT of a Ray head"):
+        check_ray_address("headnode")
+    with socket.socket() as s:  # something listens: the probe passes (Ray's own handshake follows)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_ray_address(f"ray://127.0.0.1:{s.getsockname()[1]}")
+    check_ray_address(None)  # a local instance: nothing to probe
 
 
 def test_labels_separate_two_runs_of_one_command_and_bad_toml_names_the_file(tmp_path):

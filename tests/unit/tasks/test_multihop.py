@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,9 @@ from dynheads.registry import Spec
 from dynheads.tasks.base import encode, tasks
 from dynheads.tasks.multihop import Fig6Bins, fig6_cell, load_multihop, support_depth
 
-DATA = (Path(__file__).parents[3] / "../shared/data").resolve()
+from conftest import SHARED_DATA as DATA
+
+needs_data = pytest.mark.usefixtures("shared_data")  # skips with the reason when ../shared/data is absent
 HF = DATA / "hotpotqa/hotpotqa_dev_distractor_first100_hf.json"
 IRCOT = DATA / "hotpotqa/hotpotqa_dev_distractor_ircot_first250.jsonl"
 FULLWIKI = DATA / "hotpotqa/hotpotqa_dev_fullwiki_sample500.json"
@@ -28,6 +29,7 @@ def _sentences_of(context_pairs, facts):
     return sorted(paras[t][i].strip() for t, i in facts)
 
 
+@needs_data
 @pytest.mark.parametrize("path, fmt, n", [(HF, "hotpotqa_hf", 100), (IRCOT, "ircot", 250), (WIKI2, "2wiki", 250)])
 def test_counts_and_detected_format(path, fmt, n):
     samples, report = load_multihop(path)
@@ -36,6 +38,7 @@ def test_counts_and_detected_format(path, fmt, n):
     assert all(s.spans["support"] for s in samples)
 
 
+@needs_data
 def test_hf_support_spans_are_the_supporting_sentences():
     raw = json.loads(HF.read_text())
     samples, _ = load_multihop(HF)
@@ -46,6 +49,7 @@ def test_hf_support_spans_are_the_supporting_sentences():
         assert s.answer == rec["answer"] and s.question == rec["question"]
 
 
+@needs_data
 def test_hf_layout_has_no_id_so_ids_are_stable_hashes():
     raw = json.loads(HF.read_text())
     assert "_id" not in raw[0]
@@ -55,6 +59,7 @@ def test_hf_layout_has_no_id_so_ids_are_stable_hashes():
     assert a[3].id == f"hf00003-{hashlib.sha1(raw[3]['question'].encode()).hexdigest()[:8]}"
 
 
+@needs_data
 def test_2wiki_support_spans_and_paragraph_metadata():
     raw = json.loads(WIKI2.read_text())
     samples, _ = load_multihop(WIKI2)
@@ -71,6 +76,7 @@ def test_2wiki_support_spans_and_paragraph_metadata():
         assert {p["title"] for p in paras if p["is_supporting"]} == gold_titles
 
 
+@needs_data
 def test_ircot_support_is_the_whole_supporting_paragraphs():
     lines = [json.loads(x) for x in IRCOT.read_text().splitlines()[:50]]
     samples, _ = load_multihop(IRCOT, limit=50)
@@ -81,6 +87,7 @@ def test_ircot_support_is_the_whole_supporting_paragraphs():
         assert s.metadata["supporting_facts"] is None
 
 
+@needs_data
 def test_fullwiki_missing_support_is_counted_and_reported():
     raw = json.loads(FULLWIKI.read_text())
     complete = [r for r in raw if {t for t, _ in r["supporting_facts"]} <= {t for t, _ in r["context"]}]
@@ -93,6 +100,7 @@ def test_fullwiki_missing_support_is_counted_and_reported():
     assert sum(s.metadata["n_missing_support"] > 0 for s in kept) == 366
 
 
+@needs_data
 def test_limit_counts_kept_samples_and_task_registry():
     samples, report = load_multihop(FULLWIKI, limit=10)
     assert report.n_loaded == 10 and report.n_records > 10
@@ -121,6 +129,7 @@ def test_bad_files_raise_one_line_data_errors(tmp_path, content, needle):
     assert needle in msg and str(f) in msg and "\n" not in msg
 
 
+@needs_data
 def test_forced_format_mismatch_and_unknown_format():
     with pytest.raises(DataError, match=r"record 0: missing field 'answers_objects'"):
         load_multihop(HF, format="ircot")
@@ -144,6 +153,7 @@ def _tiny_tokenizer(texts):
     return fast
 
 
+@needs_data
 def test_encoding_real_records_maps_support_to_exact_tokens():
     samples = load_multihop(HF, limit=3)[0] + load_multihop(IRCOT, limit=2)[0] + load_multihop(WIKI2, limit=3)[0]
     tokenizer = _tiny_tokenizer([s.context for s in samples[:2]])
@@ -176,6 +186,7 @@ def test_support_depth_and_fig6_cells():
     assert fig6_cell(1000, float("nan")) is None
 
 
+@needs_data
 def test_real_depths_lie_inside_the_context():
     samples, _ = load_multihop(HF, limit=20)
     depths = [support_depth(s.spans["support"], len(s.context)) for s in samples]
