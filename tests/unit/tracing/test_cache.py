@@ -1,69 +1,54 @@
-"""The in-place cache (tracing/cache.py) against the cache it replaced: transformers' DynamicCache with
-sliding layers as plain DynamicLayers (torch.cat per update). Every record array, token and sample file
-must be byte-identical on every conformance family and on both named models; plus the layer's own
-behaviour (writes in place, crops by moving a length, grows, keeps every key of sliding layers)."""
+"""Today's tracer against the tracer before the in-place cache (old_tracer.py: DynamicCache with torch.cat per
+update, one-call prefills, decode steps that read every key, the index gather of head-sparse steps). Every
+record array, token, sample file and run config must be byte-identical on every conformance family and on
+whole NIAH run folders of both named models (Gemma 3 past its sliding window). Today's prefills are chunked
+at 512 tokens here so that short prompts exercise the chunking too; decode steps past 1,024 keys skip the
+key blocks their mask hides. Plus the in-place layer's own behaviour."""
 import json
 
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-import dynheads.tracing.tracer as tracer_module
 from dynheads.conformance import FAMILIES, build_tiny
 from dynheads.errors import ModelError
 from dynheads.heads import HeadLayout
 from dynheads.models import LoadedModel
-from dynheads.tracing.cache import InPlaceLayer, croppable_cache
+from dynheads.tracing.cache import InPlaceLayer, croppable_cache, prefill_chunks
 from dynheads.tracing.sparse import Sparsity
 from dynheads.tracing.tracer import TraceConfig, Tracer
+from old_tracer import assert_same_arrays, old_and_new
 
 EXACT = sorted(set(FAMILIES) - {"bloom", "mpt"})  # the conformance table's traceable families
-PROMPT_LEN, NEW, SPAN = 40, 12, (10, 18)
+NEW = 4
+PROMPT = {"sdpa": 1100, "eager": 300}  # sdpa: past two 512-key blocks (chunked prefills, skipped blocks)
 
 
-def dynamic_cache(config, reserve: int = 0) -> DynamicCache:
-    """The tracer's cache before the in-place one (kept here only as the reference)."""
-    cache = DynamicCache(config=config)
-    cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
-    return cache
-
-
-def both_caches(monkeypatch, work):
-    """`work()` with the reference DynamicCache, then with the in-place cache."""
-    built = []
-    with monkeypatch.context() as m:
-        m.setattr(tracer_module, "croppable_cache", lambda *args, **kw: built.append(1) or dynamic_cache(*args, **kw))
-        old = work()
-    assert built  # the reference really ran
-    return old, work()
-
-
-def assert_same_arrays(old: dict, new: dict, where: str = "") -> None:
-    assert sorted(old) == sorted(new), where
-    for name in old:
-        a, b = np.asarray(old[name]), np.asarray(new[name])
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}/{name}"
-        assert a.tobytes() == b.tobytes(), f"{where}/{name} differs"
+def _prompt(lm, seed):
+    n = PROMPT[lm.model.config._attn_implementation]
+    return torch.randint(3, lm.model.config.get_text_config().vocab_size, (n,),
+                         generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _workload(lm, ids) -> dict[str, dict]:
-    """Traces, forks, an extend past the reserve, ablations, hidden keys and head-sparse decoding."""
+    """Traces, forks, a generation past the reserve, ablations, an extend over hidden keys, a rewind,
+    and head-sparse decoding by KV head and by query head."""
+    needle = (len(ids) // 2, len(ids) // 2 + 10)
+    hidden_end = len(ids) * 7 // 11  # in-context RAG: keys [0, 700) of 1,100 hidden from the question
     tracer = Tracer(lm, TraceConfig(max_new_tokens=NEW, topk=3, row_spans=("needle",)))
     tracer.stop_ids = set()
-    state = tracer.prefill(ids, {"needle": [SPAN]})
+    state = tracer.prefill(ids, {"needle": [needle]})
     out = {"trace": tracer.generate(state).arrays(), "fork": tracer.generate(state).arrays()}
-    out["longer"] = tracer.generate(state, max_new_tokens=NEW + 9).arrays()  # grows past the prefill's reserve
+    out["longer"] = tracer.generate(state, max_new_tokens=NEW + 4).arrays()  # grows past the prefill's reserve
     mask = np.zeros(lm.layout.shape, bool)
     mask[-1, ::2] = mask[0, 1] = True
     for method in ("zero", "uniform"):
         out[method] = tracer.generate(state, intervention=lambda v: mask, ablation=method).arrays()
-    partial = tracer.prefill(ids[:SPAN[1]], {"needle": [SPAN]})
+    partial = tracer.prefill(ids[:hidden_end], {"needle": [needle]})
     hidden = np.zeros(len(ids), bool)
-    hidden[SPAN[0]:SPAN[1]] = True
+    hidden[:hidden_end] = True
+    tracer.extend(partial, ids[hidden_end:], hidden_keys=hidden)
     partial.hidden_keys = hidden
-    tracer.extend(partial, ids[SPAN[1]:], hidden_keys=hidden)
     out["extended"] = tracer.generate(partial, fork=False).arrays()
     tracer.rewind(partial, len(ids) - 3)  # back into the prompt, then on again
     out["rewound"] = tracer.generate(partial).arrays()
@@ -75,42 +60,46 @@ def _workload(lm, ids) -> dict[str, dict]:
         try:
             trace = sparse.generate(sparse.prefill(ids), heads=policy, sparsity=Sparsity(4, 8, unit), full_pass_first=unit == "kv")
             out[f"sparse_{unit}"] = {**trace.arrays(), "open": np.stack(trace.open_heads)}
-        except ModelError as exc:  # a per-head term (gpt_oss sinks) is refused mid-step, the same way with either cache
+        except ModelError as exc:  # a per-head term (gpt_oss sinks) is refused mid-step, the same way with either
             out[f"sparse_{unit}"] = {"refused": np.array(str(exc))}
     return out
 
 
+def _tiny(family, **kw):
+    model = build_tiny(family, max_position_embeddings=2048, **kw)
+    return LoadedModel(model, None, HeadLayout.from_config(model.config), family, "", family)
+
+
 @pytest.mark.parametrize("family", EXACT)
-def test_every_family_records_the_same_with_the_in_place_cache(family, monkeypatch):
-    model = build_tiny(family)
-    lm = LoadedModel(model, None, HeadLayout.from_config(model.config), family, "", family)
-    ids = torch.randint(3, model.config.get_text_config().vocab_size, (PROMPT_LEN,),
-                        generator=torch.Generator().manual_seed(1)).tolist()
-    old, new = both_caches(monkeypatch, lambda: _workload(lm, ids))
+def test_every_family_records_what_the_old_tracer_recorded(family, monkeypatch):
+    lm = _tiny(family)
+    ids = _prompt(lm, 1)
+    old, new, skips, calls = old_and_new(monkeypatch, lambda: _workload(lm, ids))
     assert sorted(old) == sorted(new)
     for condition in old:
         assert_same_arrays(old[condition], new[condition], f"{family}/{condition}")
+    if lm.model.config._attn_implementation == "sdpa":
+        assert calls[:3] == [512, 512, len(ids) - 1 - 1024]  # the prefill really was chunked
+        assert 512 in skips  # the hidden keys (and the sliding windows) hid a whole block from decode steps
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
 def test_eager_stock_records_the_same(family, monkeypatch):
     """Forced eager (the default families of the table run sdpa): repeat_kv and the eager matmuls on the views."""
-    model = build_tiny(family, attn_implementation="eager")
-    lm = LoadedModel(model, None, HeadLayout.from_config(model.config), family, "", family)
-    ids = torch.randint(3, 97, (PROMPT_LEN,), generator=torch.Generator().manual_seed(2)).tolist()
-    old, new = both_caches(monkeypatch, lambda: _workload(lm, ids))
+    lm = _tiny(family, attn_implementation="eager")
+    ids = _prompt(lm, 2)
+    old, new, _, _ = old_and_new(monkeypatch, lambda: _workload(lm, ids))
     for condition in old:
         assert_same_arrays(old[condition], new[condition], f"{family}-eager/{condition}")
 
 
 # --- whole run folders on the named models ---------------------------------------------------
-def _niah_folders(lm, tmp_path, monkeypatch, lengths, depths, **trace):
-    from dynheads.experiments.trace import run_niah
-    from dynheads.tasks.niah import NiahConfig
+def _niah_folders(lm, tmp_path, monkeypatch, **niah):
+    from dynheads.commands import run_niah
 
-    niah = NiahConfig(lengths=lengths, depths=depths, samples_per_cell=1)
     folders = iter([tmp_path / "old", tmp_path / "new"])
-    return both_caches(monkeypatch, lambda: run_niah(lm, niah, next(folders), TraceConfig(**trace), quiet=True).path)
+    return old_and_new(monkeypatch, lambda: run_niah(lm, next(folders), samples_per_cell=1, topk=3, quiet=True,
+                                                      **niah).path)
 
 
 def assert_same_run_folders(old, new) -> None:
@@ -128,29 +117,34 @@ def assert_same_run_folders(old, new) -> None:
 
 
 def test_default_model_niah_run_folders_are_identical(default_lm, tmp_path, monkeypatch):
-    old, new = _niah_folders(default_lm, tmp_path, monkeypatch, (400,), (0, 100), topk=3, max_new_tokens=24)
+    old, new, _, calls = _niah_folders(default_lm, tmp_path, monkeypatch, lengths=(600,), depths=(50,),
+                                       max_new_tokens=16)
+    assert 512 in calls  # chunked
     assert_same_run_folders(old, new)
 
 
 def test_gemma_niah_run_folders_are_identical_past_the_sliding_window(gemma_lm, tmp_path, monkeypatch):
-    old, new = _niah_folders(gemma_lm, tmp_path, monkeypatch, (700,), (0,), topk=3, max_new_tokens=24)
+    old, new, skips, calls = _niah_folders(gemma_lm, tmp_path, monkeypatch, lengths=(1100,), depths=(10,),
+                                           max_new_tokens=8)
+    assert calls[:2] == [512, 512] and 512 in skips  # chunked, and the 512-key window hid the first block
     assert_same_run_folders(old, new)
 
 
 def test_default_model_sparse_tokens_are_identical(default_lm, monkeypatch):
-    """Head-sparse decoding on the real model: k = 8 of 90 KV heads open, the rest gather sinks + window."""
+    """Head-sparse decoding on the real model: k = 8 of 90 KV heads open (scattered: an index gather in three
+    layers, a view elsewhere), the rest gather sinks + window."""
     from dynheads.tasks.niah import NiahConfig, niah_samples
 
     enc = next(niah_samples(default_lm.tokenizer, NiahConfig(lengths=(400,), depths=(50,), samples_per_cell=1)))
-    tracer = Tracer(default_lm, TraceConfig(max_new_tokens=16, record_rows=False))
+    tracer = Tracer(default_lm, TraceConfig(max_new_tokens=8, record_rows=False))
     opened = np.zeros(default_lm.layout.shape[:1] + (default_lm.layout.n_kv_heads,), bool)
-    opened.flat[:8] = True
+    opened[[0, 0, 1, 1, 5, 9, 17, 29], [0, 1, 0, 2, 1, 2, 0, 2]] = True
 
     def sparse():
         trace = tracer.generate(tracer.prefill(enc.input_ids), heads=lambda t, p, f: opened, sparsity=Sparsity())
         return trace.arrays()
 
-    old, new = both_caches(monkeypatch, sparse)
+    old, new, _, _ = old_and_new(monkeypatch, sparse)
     assert_same_arrays(old, new, "sparse")
 
 
@@ -184,3 +178,9 @@ def test_sliding_layers_keep_every_key_and_masks_see_the_filled_length():
     assert [layer.keys.shape[-2] for layer in cache.layers] == [40, 40]  # window 16: nothing dropped
     assert [cache.get_mask_sizes(1, i) for i in range(2)] == [(41, 0), (41, 0)]
     assert all(layer.capacity == 64 for layer in cache.layers)
+
+
+def test_chunks_end_on_multiples_of_the_chunk():  # (512-token chunks are tested above, against one call)
+    assert prefill_chunks(0, 8192, 8192) == [(0, 8192)]  # up to one chunk: one call, as before
+    assert prefill_chunks(0, 20000, 8192) == [(0, 8192), (8192, 16384), (16384, 20000)]
+    assert prefill_chunks(5000, 20000, 8192) == [(5000, 8192), (8192, 16384), (16384, 20000)]

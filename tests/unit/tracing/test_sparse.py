@@ -6,6 +6,7 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from conftest import make_tiny_lm
+from old_tracer import index_gather
 from dynheads.errors import ModelError
 from dynheads.tracing.sparse import Sparsity, sparse_attention
 from dynheads.tracing.tracer import TraceConfig, Tracer
@@ -135,42 +136,6 @@ def test_kv_read_fraction_counts_sinks_and_window_of_closed_heads():
 
 
 # --- the gather: views for open heads, S + W copies for closed ones, same bits as a plain index gather ---
-def _index_gather_reference(stock, module, query, key, value, attention_mask, split, sparsity, scaling, dropout, kwargs,
-                            skip=0):
-    """The first implementation: index-gather every head set (copies the open heads' whole cache; reads every key)."""
-    open_units = torch.from_numpy(split.units)
-    n_heads, n_kv, n_keys = query.shape[1], key.shape[1], key.shape[-2]
-    groups = n_heads // n_kv
-    head_open = open_units.repeat_interleave(groups) if sparsity.unit == "kv" else open_units
-    if query.shape[-2] != 1 or n_keys <= sparsity.window or bool(head_open.all()):
-        return None
-    keep = torch.cat([torch.arange(sparsity.sink), torch.arange(n_keys - sparsity.recent, n_keys)])
-    out = query.new_empty(query.shape[0], 1, n_heads, query.shape[-1])
-    for is_open, columns in ((True, None), (False, keep)):
-        heads = torch.nonzero(head_open == is_open).flatten()
-        if not heads.numel():
-            continue
-        kv, mod = (heads[::groups] // groups, module) if sparsity.unit == "kv" else (heads // groups, _PerQuery(module))
-        k, v, mask = key, value, attention_mask
-        if columns is not None:
-            k, v = k[:, :, columns], v[:, :, columns]
-            mask = None if mask is None else mask[..., :n_keys][..., columns]
-        mask = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
-        out[:, :, heads] = stock(mod, query[:, heads], k[:, kv], v[:, kv], mask, scaling=scaling, dropout=dropout,
-                                 **kwargs)[0]
-    return out, None
-
-
-class _PerQuery:
-    num_key_value_groups = 1
-
-    def __init__(self, module):
-        self._module = module
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text", "mistral"])
 def test_gather_gives_the_bits_of_an_index_gather(family, monkeypatch):
     import dynheads.tracing.attention as attention_module
@@ -195,7 +160,7 @@ def test_gather_gives_the_bits_of_an_index_gather(family, monkeypatch):
         return out
 
     fast = run()
-    monkeypatch.setattr(attention_module, "sparse_attention", _index_gather_reference)
+    monkeypatch.setattr(attention_module, "sparse_attention", index_gather)
     for a, b in zip(run(), fast):
         assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
 
