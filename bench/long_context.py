@@ -43,7 +43,7 @@ def prefill_only(lm, args) -> None:
     from dynheads.tracing.tracer import TraceConfig, Tracer
 
     if args.one_call:
-        cache_module.PREFILL_CHUNK = 10**9
+        cache_module.ONE_CALL = 10**9
     enc = next(niah_samples(lm.tokenizer, NiahConfig(lengths=(args.length,), depths=(args.depths[0],),
                                                       samples_per_cell=1), lm.max_positions))
     tracer = Tracer(lm, TraceConfig(max_new_tokens=args.max_new_tokens))
@@ -61,10 +61,8 @@ def prefill_only(lm, args) -> None:
 
 
 def traced_run(lm, args) -> None:
-    from dynheads.experiments.trace import run_niah
+    from dynheads.commands import run_niah
     from dynheads.runs import RunDir
-    from dynheads.tasks.niah import NiahConfig
-    from dynheads.tracing.tracer import TraceConfig
 
     calls = time_forwards(lm.model)
     per_sample: list[list[tuple[int, float, float]]] = []
@@ -80,9 +78,8 @@ def traced_run(lm, args) -> None:
         return run_samples(run, samples, timed, total, quiet=True)
 
     before = psutil.Process().memory_info().rss / 2**30
-    niah = NiahConfig(lengths=(args.length,), depths=tuple(args.depths), samples_per_cell=args.samples)
-    trace = TraceConfig(max_new_tokens=args.max_new_tokens, topk=args.topk)
-    run = run_niah(lm, niah, args.out, trace, quiet=True, runner=runner)
+    run = run_niah(lm, args.out, lengths=(args.length,), depths=tuple(args.depths), samples_per_cell=args.samples,
+                   max_new_tokens=args.max_new_tokens, topk=args.topk, quiet=True, runner=runner)
     results = RunDir.open(run.path).sample_results()
     print(f"{args.model}: {args.length} tokens, top-{args.topk}, {torch.get_num_threads()} thread(s); "
           f"process peak {peak_gib():.2f} GiB, growth over the loaded model {peak_gib() - before:.2f} GiB")

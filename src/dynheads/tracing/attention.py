@@ -227,16 +227,17 @@ def _explicit_row(query, key, attention_mask, scale, terms: dict, skip: int = 0)
 
 
 def _hidden_blocks(attention_mask, query, n_keys: int) -> int:
-    """Leading keys that the newest query's boolean SDPA mask hides from every head (a sliding window,
-    hidden context), rounded down to SDPA's key block and leaving at least one whole block: the stock
-    call skips them with bit-identical output (tested), since a fully masked block is an exact no-op
-    in the kernel's online softmax and the later blocks keep their boundaries and size (fewer than
-    512 keys left would shrink the kernel's block and change the last bits). 0 for prefill calls and
-    short contexts."""
-    if query.shape[-2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool or n_keys < 2 * KEY_BLOCK:
+    """Leading keys that a boolean SDPA mask hides from every query row and head of the call (a
+    sliding window, hidden context), rounded down to SDPA's key block and leaving at least one whole
+    block: the stock call skips them with bit-identical output (tested), since a fully masked block is
+    an exact no-op in the kernel's online softmax and the later blocks keep their boundaries and size
+    (fewer than 512 keys left would shrink the kernel's block and change the last bits). Decode steps
+    and prefill chunks alike (a chunk's sliding layers then read from its first query's window on);
+    0 for short contexts."""
+    if attention_mask is None or attention_mask.dtype != torch.bool or n_keys < 2 * KEY_BLOCK:
         return 0
-    visible = attention_mask[0, :, -1, :n_keys].any(0)
-    first = int(visible.to(torch.uint8).argmax())
+    rows = attention_mask[0, :, -1, :n_keys] if query.shape[-2] == 1 else attention_mask[0, :, :, :n_keys].any(1)
+    first = int(rows.any(0).to(torch.uint8).argmax())
     return min(first, n_keys - KEY_BLOCK) // KEY_BLOCK * KEY_BLOCK
 
 

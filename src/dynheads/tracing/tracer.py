@@ -127,10 +127,11 @@ class Tracer:
     def extend(self, state: DecodeState, new_ids: list[int], hidden_keys: np.ndarray | None = None) -> None:
         """Append tokens and bring the cache up to all but the last id.
 
-        Under SDPA, more than PREFILL_CHUNK (cache.py) tokens go through the model in chunks that end
-        at multiples of it: a 32K-token prompt then never builds SDPA's [32K, 32K] mask (1 GiB
-        as bool, 4 GiB as the float mask the CPU kernel converts it to), and sliding-window layers
-        compute only the key blocks up to each chunk's end instead of all of them behind the mask.
+        Under SDPA, more than ONE_CALL (cache.py, 8,192) tokens go through the model in chunks that end
+        at multiples of PREFILL_CHUNK (2,048): a 32K-token prompt then never builds SDPA's [32K, 32K]
+        mask (1 GiB as bool, 4 GiB as the float mask the CPU kernel converts it to), full-attention
+        layers compute [chunk, end] rectangles instead of the whole square behind the mask, and
+        sliding-window layers only the key blocks from each chunk's first window on.
         The keys and values are bit-identical to one call (tested): every chunk ends on SDPA's
         512-key block boundary, so each query row sums the same blocks in the same order, plus exact
         zeros. Eager attention runs in one call: its softmax row grows with the chunk's keys, and a

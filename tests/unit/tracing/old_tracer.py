@@ -69,7 +69,7 @@ def old_tracer(monkeypatch):
     built = []
     with monkeypatch.context() as m:
         m.setattr(tracer_module, "croppable_cache", lambda *a, **kw: built.append(1) or dynamic_cache(*a, **kw))
-        m.setattr(cache_module, "PREFILL_CHUNK", 10**9)
+        m.setattr(cache_module, "ONE_CALL", 10**9)
         m.setattr(attention_module, "KEY_BLOCK", 10**9)
         m.setattr(attention_module, "sparse_attention", index_gather)
         yield
@@ -78,8 +78,8 @@ def old_tracer(monkeypatch):
 
 @contextmanager
 def new_tracer(monkeypatch, chunk: int = 512):
-    """Today's tracer, with prefills chunked at `chunk` tokens (a multiple of 512) so short prompts are chunked
-    too; yields the lists of key blocks skipped by decode calls and of prefill call lengths."""
+    """Today's tracer, with prefills of more than `chunk` tokens (a multiple of 512) chunked at `chunk` so short
+    prompts are chunked too; yields the lists of (query rows, keys skipped) of SDPA calls and of prefill call lengths."""
     skips, calls = [], []
     original_skip, original_chunks = attention_module._hidden_blocks, cache_module.prefill_chunks
 
@@ -89,8 +89,10 @@ def new_tracer(monkeypatch, chunk: int = 512):
         return out
 
     with monkeypatch.context() as m:
+        m.setattr(cache_module, "ONE_CALL", chunk)
         m.setattr(cache_module, "PREFILL_CHUNK", chunk)
-        m.setattr(attention_module, "_hidden_blocks", lambda *a: skips.append(original_skip(*a)) or skips[-1])
+        m.setattr(attention_module, "_hidden_blocks", lambda mask, query, n: skips.append(
+            (query.shape[-2], original_skip(mask, query, n))) or skips[-1][1])
         m.setattr(tracer_module, "prefill_chunks", chunks)
         yield skips, calls
 

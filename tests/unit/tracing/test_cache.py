@@ -80,7 +80,9 @@ def test_every_family_records_what_the_old_tracer_recorded(family, monkeypatch):
         assert_same_arrays(old[condition], new[condition], f"{family}/{condition}")
     if lm.model.config._attn_implementation == "sdpa":
         assert calls[:3] == [512, 512, len(ids) - 1 - 1024]  # the prefill really was chunked
-        assert 512 in skips  # the hidden keys (and the sliding windows) hid a whole block from decode steps
+        assert (1, 512) in skips  # hidden keys (and sliding windows) hid a whole block from decode steps
+        if "sliding_window" in FAMILIES[family]:
+            assert (75, 512) in skips  # and from the last prefill chunk's sliding layers
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
@@ -126,7 +128,8 @@ def test_default_model_niah_run_folders_are_identical(default_lm, tmp_path, monk
 def test_gemma_niah_run_folders_are_identical_past_the_sliding_window(gemma_lm, tmp_path, monkeypatch):
     old, new, skips, calls = _niah_folders(gemma_lm, tmp_path, monkeypatch, lengths=(1100,), depths=(10,),
                                            max_new_tokens=8)
-    assert calls[:2] == [512, 512] and 512 in skips  # chunked, and the 512-key window hid the first block
+    assert calls[:2] == [512, 512]  # chunked; the 512-key window hid the first block from the last chunk and the steps
+    assert (1, 512) in skips and any(rows > 1 and skipped == 512 for rows, skipped in skips)
     assert_same_run_folders(old, new)
 
 
@@ -181,6 +184,6 @@ def test_sliding_layers_keep_every_key_and_masks_see_the_filled_length():
 
 
 def test_chunks_end_on_multiples_of_the_chunk():  # (512-token chunks are tested above, against one call)
-    assert prefill_chunks(0, 8192, 8192) == [(0, 8192)]  # up to one chunk: one call, as before
-    assert prefill_chunks(0, 20000, 8192) == [(0, 8192), (8192, 16384), (16384, 20000)]
-    assert prefill_chunks(5000, 20000, 8192) == [(5000, 8192), (8192, 16384), (16384, 20000)]
+    assert prefill_chunks(0, 8192) == [(0, 8192)]  # up to 8K: one call, as plain generation makes it
+    assert prefill_chunks(0, 9000) == [(0, 2048), (2048, 4096), (4096, 6144), (6144, 8192), (8192, 9000)]
+    assert prefill_chunks(5000, 20000, 8192, 8192) == [(5000, 8192), (8192, 16384), (16384, 20000)]
