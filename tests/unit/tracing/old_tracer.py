@@ -16,7 +16,7 @@ import dynheads.tracing.attention as attention_module
 import dynheads.tracing.cache as cache_module
 import dynheads.tracing.tracer as tracer_module
 from dynheads.errors import ModelError
-from dynheads.tracing.sparse import _PER_HEAD_TERMS
+from dynheads.tracing.sparse import _PER_HEAD_TERMS, _OneQueryHeadPerKV
 
 
 def dynamic_cache(config, reserve: int = 0) -> DynamicCache:
@@ -43,7 +43,7 @@ def index_gather(stock, module, query, key, value, attention_mask, split, sparsi
         heads = torch.nonzero(head_open == is_open).flatten()
         if not heads.numel():
             continue
-        kv, mod = (heads[::groups] // groups, module) if sparsity.unit == "kv" else (heads // groups, _PerQuery(module))
+        kv, mod = (heads[::groups] // groups, module) if sparsity.unit == "kv" else (heads // groups, _OneQueryHeadPerKV(module))
         k, v, mask = key, value, attention_mask
         if columns is not None:
             k, v = k[:, :, columns], v[:, :, columns]
@@ -52,16 +52,6 @@ def index_gather(stock, module, query, key, value, attention_mask, split, sparsi
         out[:, :, heads] = stock(mod, query[:, heads], k[:, kv], v[:, kv], mask, scaling=scaling, dropout=dropout,
                                  **kwargs)[0]
     return out, None
-
-
-class _PerQuery:
-    num_key_value_groups = 1
-
-    def __init__(self, module):
-        self._module = module
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
 
 
 @contextmanager
