@@ -26,7 +26,8 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from dynheads.errors import ModelError
 
 GROWTH = 1.25  # an update past the buffer grows it by at least this factor (amortised copies when RAG extends)
-ONE_CALL = 8192  # a prefill of up to this many tokens is one call (as plain generation makes it)
+ONE_CALL = 8192  # a prefill of up to this many tokens is one call (as plain generation makes it), but for
+# models with sliding-window layers, whose one call computes every key behind the window
 PREFILL_CHUNK = 2048  # longer ones run in chunks ending at multiples of this (a multiple of 512)
 
 
@@ -119,15 +120,17 @@ def ensure_capacity(cache: DynamicCache, tokens: int) -> None:
             layer.ensure_capacity(tokens)
 
 
-def prefill_chunks(start: int, end: int, chunk: int | None = None, one_call: int | None = None
-                   ) -> list[tuple[int, int]]:
-    """[lo, hi) ranges that bring a cache from `start` to `end` tokens: one call up to `one_call` tokens,
-    else calls ending at multiples of `chunk` (a multiple of 512: SDPA's CPU key-block size).
+def prefill_chunks(start: int, end: int, chunk: int | None = None, one_call: int | None = None,
+                   windowed: bool = False) -> list[tuple[int, int]]:
+    """[lo, hi) ranges that bring a cache from `start` to `end` tokens: one call up to `one_call` tokens
+    (ONE_CALL, or one chunk for a `windowed` model), else calls ending at multiples of `chunk` (a multiple
+    of 512: SDPA's CPU key-block size).
 
     Small chunks make a long prefill cheaper: each chunk's sliding-window layers read only the key
     blocks from its first query's window on (attention._hidden_blocks), and its full-attention layers
     compute a [chunk, end] rectangle, close to the causal triangle."""
-    chunk, one_call = chunk or PREFILL_CHUNK, one_call or ONE_CALL
+    chunk = chunk or PREFILL_CHUNK
+    one_call = one_call or (chunk if windowed else ONE_CALL)
     if end - start <= one_call:
         return [(start, end)]
     bounds = [start, *range((start // chunk + 1) * chunk, end, chunk), end]

@@ -128,7 +128,8 @@ class Tracer:
         """Append tokens and bring the cache up to all but the last id.
 
         Under SDPA, more than ONE_CALL (cache.py, 8,192) tokens go through the model in chunks that end
-        at multiples of PREFILL_CHUNK (2,048): a 32K-token prompt then never builds SDPA's [32K, 32K]
+        at multiples of PREFILL_CHUNK (2,048; more than 2,048 on models with sliding-window layers, whose
+        one call would read every key behind the window): a 32K-token prompt then never builds SDPA's [32K, 32K]
         mask (1 GiB as bool, 4 GiB as the float mask the CPU kernel converts it to), full-attention
         layers compute [chunk, end] rectangles instead of the whole square behind the mask, and
         sliding-window layers only the key blocks from each chunk's first window on.
@@ -143,7 +144,8 @@ class Tracer:
             return
         hooks = StepHooks(seq_len=end, hidden_keys=_as_mask(hidden_keys, end))
         with tracing(self.lm.model, hooks), torch.inference_mode():
-            for lo, hi in prefill_chunks(start, end) if hooks.stock == "sdpa" else [(start, end)]:
+            windowed = bool(self.lm.layout.sliding_layers)
+            for lo, hi in prefill_chunks(start, end, windowed=windowed) if hooks.stock == "sdpa" else [(start, end)]:
                 hooks.seq_len = hi
                 self.lm.model(input_ids=torch.tensor([state.ids[lo:hi]], device=self.device), cache=state.cache,
                               use_cache=True, logits_to_keep=1)

@@ -187,3 +187,4 @@ def test_chunks_end_on_multiples_of_the_chunk():  # (512-token chunks are tested
     assert prefill_chunks(0, 8192) == [(0, 8192)]  # up to 8K: one call, as plain generation makes it
     assert prefill_chunks(0, 9000) == [(0, 2048), (2048, 4096), (4096, 6144), (6144, 8192), (8192, 9000)]
     assert prefill_chunks(5000, 20000, 8192, 8192) == [(5000, 8192), (8192, 16384), (16384, 20000)]
+    assert prefill_chunks(0, 3000, windowed=True) == [(0, 2048), (2048, 3000)]  # sliding layers: chunks from 2K
