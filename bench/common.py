@@ -21,21 +21,25 @@ def niah_prompt(lm: LoadedModel, length: int):
     return next(niah_samples(lm.tokenizer, NiahConfig(lengths=(length,), depths=(50,), samples_per_cell=1)))
 
 
-def plain_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
-    """The baseline: transformers' greedy generate with SDPA."""
+def plain_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, stop_ids: list[int],
+                   cache: str | None = None) -> list[int]:
+    """The baseline: transformers' greedy generate with SDPA and its default cache (DynamicCache), or
+    cache="static" (StaticCache: preallocated for prompt + max_new_tokens, written in place)."""
     ids = torch.tensor([input_ids])
+    extra = {"cache_implementation": cache} if cache else {}
     with torch.no_grad():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+                                max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=stop_ids[0], **extra)
     return out[0, len(input_ids):].tolist()
 
 
-def plain_exact(lm, input_ids: list[int], new_tokens: int, pad_id: int) -> list[int]:
-    """transformers' greedy generate with SDPA, forced to exactly `new_tokens` tokens."""
+def plain_exact(lm, input_ids: list[int], new_tokens: int, pad_id: int, cache: str | None = None) -> list[int]:
+    """transformers' greedy generate with SDPA, forced to exactly `new_tokens` tokens (default or static cache)."""
     ids = torch.tensor([input_ids])
+    extra = {"cache_implementation": cache} if cache else {}
     with torch.no_grad():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, pad_token_id=pad_id)
+                                min_new_tokens=new_tokens, pad_token_id=pad_id, **extra)
     return out[0, len(input_ids):].tolist()
 
 
@@ -52,12 +56,22 @@ def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
 
 def peak_growth_in_child(script: str, *args: str) -> float:
     """Run `script --child ARGS` in a fresh process; it prints {"growth": bytes} (peak RSS minus RSS before)."""
-    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{script} --child {' '.join(args)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
 
 
-def report_child_growth(fn: Callable[[], object]) -> None:
-    """In a child: RSS high-water mark during `fn` minus the RSS just before it, printed as JSON."""
+def report_child_growth(fn: Callable[[], object], lm: LoadedModel | None = None) -> None:
+    """In a child: RSS high-water mark during `fn` minus the RSS just before it, printed as JSON.
+
+    With `lm`, a 3-token forward runs first: the weights are memory-mapped from the converted
+    safetensors and paged in by the first forward, which would otherwise count as growth (the same
+    ~500 MB on every side, hiding the difference between caches).
+    """
+    if lm is not None:
+        with torch.no_grad():
+            lm.model(input_ids=torch.tensor([[1, 2, 3]], device=lm.model.device))
     before = psutil.Process().memory_info().rss
     fn()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -65,13 +79,14 @@ def report_child_growth(fn: Callable[[], object]) -> None:
 
 
 def bench_arguments(description: str = ""):
-    """The flags every benchmark takes: --lengths, --new-tokens, --repeats, --threads (and the hidden --child)."""
+    """The flags every benchmark takes: --model, --lengths, --new-tokens, --repeats, --threads (and the hidden --child)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default="default", help="a named model (default, gemma3-270m) or a model path")
     ap.add_argument("--lengths", default="1000,2000,4000,8000")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on shared cores)")
     ap.add_argument("--child", nargs=2, metavar=("CONDITION", "LENGTH"), help=argparse.SUPPRESS)
     return ap

@@ -27,6 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     run = args.run or args.out / "niah"
     page_path = args.out / "view.html"
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.synthetic:
         from dynheads.report.view import render
 

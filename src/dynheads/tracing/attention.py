@@ -35,7 +35,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dynheads.errors import ModelError
-from dynheads.tracing.sparse import Sparsity, sparse_attention
+from dynheads.tracing.sparse import HeadSplit, Sparsity, sparse_attention
 
 NAME_PREFIX = "dynheads_"  # registered as dynheads_<stock>: the mask builder must be the stock one's
 _HOOK_ATTR = "_dynheads_hooks"
@@ -43,6 +43,7 @@ STOCK_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_
 # Keyword arguments that change the attention scores, and how each stock implementation treats them.
 _SCORE_TERMS = {"softcap", "s_aux", "position_bias", "sinks", "indices", "block_indices"}
 _EXPLICIT_TERMS = {"sdpa": {"position_bias"}, "flash": {"softcap", "s_aux"}}
+KEY_BLOCK = 512  # SDPA's CPU kernel reads keys in blocks of 512 (its kv split size)
 _IGNORED_BY = {"sdpa": {"s_aux": "transformers' SDPA path ignores attention sinks (s_aux)",
                         "softcap": "transformers' SDPA path cannot apply the logit soft-cap"}}
 
@@ -65,7 +66,7 @@ class StepHooks:
     head_mask: torch.Tensor | None = None  # bool [layers, heads]: heads to ablate at the newest row
     ablation: AblationFn | None = None
     hidden_keys: torch.Tensor | None = None  # bool [seq_len]: keys no query of this call may see
-    open_heads: torch.Tensor | None = None  # bool [layers, units]: head-sparse decoding, heads that read all keys
+    open_heads: list[HeadSplit] | None = None  # head-sparse decoding: per layer, the heads that read all keys
     sparsity: Sparsity | None = None  # what closed heads read (with open_heads)
     captured: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> newest row [heads, S] fp32
     stock: str = "sdpa"  # the model's own attention implementation (set by `tracing()`)
@@ -84,15 +85,21 @@ def traced_attention(module, query, key, value, attention_mask, scaling=None, dr
     if hooks.hidden_keys is not None:
         attention_mask = _with_hidden_keys(attention_mask, hooks, query, key.shape[-2])
     stock = _stock_function(module, hooks.stock)
+    skip = _hidden_blocks(attention_mask, query, key.shape[-2]) if hooks.stock == "sdpa" else 0
     if hooks.open_heads is not None:
         if hooks.stock.startswith("flash"):
             raise ModelError("head-sparse decoding needs eager or sdpa attention, not flash")
         sparse = sparse_attention(stock, module, query, key, value, attention_mask, hooks.open_heads[layer],
-                                  hooks.sparsity, scaling, dropout, kwargs)
+                                  hooks.sparsity, scaling, dropout, kwargs, skip)
         if sparse is not None:
             return sparse
     wants_row = hooks.record or hooks.head_mask is not None
-    out, weights = stock(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if skip:  # the leading key blocks the mask hides entirely: same output without reading them
+        seen = attention_mask[..., skip:key.shape[-2]]
+        out, weights = stock(module, query, key[:, :, skip:], value[:, :, skip:], seen, scaling=scaling,
+                             dropout=dropout, **kwargs)
+    else:
+        out, weights = stock(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if not wants_row:
         return out, weights
     if hooks.stock == "eager":
@@ -101,7 +108,7 @@ def traced_attention(module, query, key, value, attention_mask, scaling=None, dr
         probs = weights[0, :, -1, :].float()  # [H, S]
     else:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        probs = _explicit_row(query, key, attention_mask, scale, kwargs)  # [H, S] fp32
+        probs = _explicit_row(query, key, attention_mask, scale, kwargs, skip)  # [H, S] fp32
     if key.shape[-2] != hooks.seq_len:
         raise ModelError(f"{type(module).__name__}: its cache holds {key.shape[-2]} keys for {hooks.seq_len} "
                          "positions; dynheads needs a cache that keeps every key")
@@ -191,26 +198,47 @@ def _check_terms(stock: str, module, kwargs: dict) -> None:
                              f"recorded row under {stock}; load the model with attn_implementation='eager'")
 
 
-def _explicit_row(query, key, attention_mask, scale, terms: dict) -> torch.Tensor:
-    """Softmax weights of the last query row of every query head, fp32, [H, S], with the stock terms."""
+def _explicit_row(query, key, attention_mask, scale, terms: dict, skip: int = 0) -> torch.Tensor:
+    """Softmax weights of the last query row of every query head, fp32, [H, S], with the stock terms.
+
+    skip: leading keys the mask hides (their scores are -inf without being computed; the softmax
+    still runs over the whole row, so the weights are bit-identical to computing them).
+    """
     n_heads, n_kv, n_keys = query.shape[1], key.shape[1], key.shape[-2]
     groups = n_heads // n_kv
     q = query[0, :, -1, :].float().reshape(n_kv, groups, -1)  # query head h reads KV head h // groups
-    scores = torch.matmul(q, key[0].float().transpose(-1, -2)).reshape(n_heads, -1) * scale  # [H, S]
+    scores = torch.matmul(q, key[0, :, skip:].float().transpose(-1, -2)).reshape(n_heads, -1) * scale  # [H, S - skip]
     if terms.get("softcap"):
         scores = torch.tanh(scores / terms["softcap"]) * terms["softcap"]
     if terms.get("position_bias") is not None:
-        scores = scores + terms["position_bias"][0, :, -1, :n_keys].float()
+        scores = scores + terms["position_bias"][0, :, -1, skip:n_keys].float()
     if attention_mask is not None:
-        row = attention_mask[0, :, -1, :n_keys]  # [1 or H, S]
+        row = attention_mask[0, :, -1, skip:n_keys]  # [1 or H, S - skip]
         scores = scores.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else scores + row.float()
     elif terms.get("sliding_window"):  # flash: no mask, the kernel applies the window itself
         scores[:, : max(n_keys - int(terms["sliding_window"]), 0)] = float("-inf")
+    if skip:
+        scores = torch.cat([scores.new_full((n_heads, skip), float("-inf")), scores], dim=-1)
     sinks = terms.get("s_aux")
     if sinks is None:
         return torch.softmax(scores, dim=-1)
     with_sink = torch.cat([scores, sinks.float().reshape(n_heads, 1)], dim=-1)
     return torch.softmax(with_sink, dim=-1)[:, :-1]  # the sink takes mass but is not a position
+
+
+def _hidden_blocks(attention_mask, query, n_keys: int) -> int:
+    """Leading keys that a boolean SDPA mask hides from every query row and head of the call (a
+    sliding window, hidden context), rounded down to SDPA's key block and leaving at least one whole
+    block: the stock call skips them with bit-identical output (tested), since a fully masked block is
+    an exact no-op in the kernel's online softmax and the later blocks keep their boundaries and size
+    (fewer than 512 keys left would shrink the kernel's block and change the last bits). Decode steps
+    and prefill chunks alike (a chunk's sliding layers then read from its first query's window on);
+    0 for short contexts."""
+    if attention_mask is None or attention_mask.dtype != torch.bool or n_keys < 2 * KEY_BLOCK:
+        return 0
+    rows = attention_mask[0, :, -1, :n_keys] if query.shape[-2] == 1 else attention_mask[0, :, :, :n_keys].any(1)
+    first = int(rows.any(0).to(torch.uint8).argmax())
+    return min(first, n_keys - KEY_BLOCK) // KEY_BLOCK * KEY_BLOCK
 
 
 def reduce_rows(hooks: StepHooks, n_layers: int) -> dict[str, torch.Tensor]:

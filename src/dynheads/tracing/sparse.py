@@ -65,43 +65,105 @@ class Sparsity:
         return float(read / (kv_open.size * n_keys)) if n_keys else 1.0
 
 
-def sparse_attention(stock: Callable, module, query, key, value, attention_mask, open_units: torch.Tensor,
-                     sparsity: Sparsity, scaling, dropout, kwargs: dict):
+@dataclass(frozen=True)
+class HeadSplit:
+    """One layer's open units as the two calls a sparse step makes: (query heads, KV heads) of each.
+
+    A contiguous set of heads is a slice, so open heads read the cache through a view (no copy);
+    a scattered set is an index tensor (its heads' keys are copied: only those of the heads read).
+    Open and closed heads stay one call each, as SDPA's result for a head can depend on the heads
+    batched with it (measured: 1e-8 differences between one two-head call and two one-head calls).
+    """
+
+    units: np.ndarray  # bool [units]: the layer's open units, as the policy gave them
+    all_open: bool
+    opened: tuple[slice | torch.Tensor, slice | torch.Tensor] | None = None
+    closed: tuple[slice | torch.Tensor, slice | torch.Tensor] | None = None
+    per_query: bool = False  # query unit: the calls see one KV head per query head
+
+
+def split_heads(open_units: np.ndarray, unit: str, n_heads: int, n_kv: int) -> HeadSplit:
+    """The calls of one layer, from its bool [units] open mask (computed once per step, not per call)."""
+    open_units = np.asarray(open_units, bool)
+    groups = n_heads // n_kv
+    head_open = np.repeat(open_units, groups) if unit == "kv" else open_units
+    if head_open.all():
+        return HeadSplit(open_units, True)
+    if unit == "query":  # KV head per query head: always an index (KV heads repeat)
+        opened, closed = np.flatnonzero(head_open), np.flatnonzero(~head_open)
+        return HeadSplit(open_units, False, _index(opened, opened // groups) if len(opened) else None,
+                         _index(closed, closed // groups), per_query=True)
+    return HeadSplit(open_units, False, _select(np.flatnonzero(open_units), groups),
+                     _select(np.flatnonzero(~open_units), groups))
+
+
+def _select(kv: np.ndarray, groups: int):
+    """(query heads, KV heads) of a set of KV heads: slices when contiguous, else index tensors; None if empty."""
+    if not len(kv):
+        return None
+    if kv[-1] - kv[0] + 1 == len(kv):
+        return slice(int(kv[0]) * groups, (int(kv[-1]) + 1) * groups), slice(int(kv[0]), int(kv[-1]) + 1)
+    return _index(np.concatenate([np.arange(h * groups, (h + 1) * groups) for h in kv]), kv)
+
+
+def _index(heads: np.ndarray, kv: np.ndarray):
+    return torch.from_numpy(heads.astype(np.int64)), torch.from_numpy(kv.astype(np.int64))
+
+
+def plan_step(open_units: np.ndarray, sparsity: Sparsity, n_heads: int, n_kv: int) -> list[HeadSplit]:
+    """Per layer, the calls of one sparse step (open_units bool [layers, units])."""
+    return [split_heads(layer, sparsity.unit, n_heads, n_kv) for layer in np.asarray(open_units, bool)]
+
+
+def sparse_attention(stock: Callable, module, query, key, value, attention_mask,
+                     split: HeadSplit | torch.Tensor, sparsity: Sparsity, scaling, dropout, kwargs: dict, skip: int = 0):
     """The stock attention with closed heads restricted to the gathered S + W keys.
 
-    query [B, H, 1, D]; key/value [B, Hkv, S, D]; open_units bool [Hkv] or [H]. Returns
-    ([B, 1, H, D], None), or None when nothing is restricted (the caller then calls the stock function).
+    query [B, H, 1, D]; key/value [B, Hkv, S, D]; split: a `HeadSplit`, or the layer's bool [Hkv] or [H]
+    open units. Returns ([B, 1, H, D], None), or None when nothing is restricted (the caller then calls
+    the stock function). Open heads read the cache through a view when they are contiguous; closed
+    heads get a copy of only their first S and last W keys (values, mask columns). skip: leading keys
+    the mask hides from every head (attention._hidden_blocks), which the open heads' call does not read.
     """
     n_heads, n_kv, n_keys = query.shape[1], key.shape[1], key.shape[-2]
-    groups = n_heads // n_kv
-    head_open = open_units.to(query.device)
-    head_open = head_open.repeat_interleave(groups) if sparsity.unit == "kv" else head_open
-    if query.shape[-2] != 1 or n_keys <= sparsity.window or bool(head_open.all()):
+    if isinstance(split, torch.Tensor):
+        split = split_heads(split.cpu().numpy(), sparsity.unit, n_heads, n_kv)
+    if query.shape[-2] != 1 or n_keys <= sparsity.window or split.all_open:
         return None
     present = [t for t in _PER_HEAD_TERMS if kwargs.get(t) is not None]
     if present:
         raise ModelError(f"{type(module).__name__}: head-sparse decoding cannot split the per-head term '{present[0]}'")
-    keep = torch.cat([torch.arange(min(sparsity.sink, n_keys - sparsity.recent), device=key.device),
-                      torch.arange(n_keys - sparsity.recent, n_keys, device=key.device)])
+    mod = _OneQueryHeadPerKV(module) if split.per_query else module
+    sink, recent = sparsity.sink, sparsity.recent
+    mask = None if attention_mask is None else attention_mask[..., :n_keys]
     out = query.new_empty(query.shape[0], 1, n_heads, query.shape[-1])
-    for is_open, columns in ((True, None), (False, keep)):
-        heads = torch.nonzero(head_open == is_open).flatten()
-        if not heads.numel():
-            continue
-        if sparsity.unit == "kv":
-            kv, mod = heads[::groups] // groups, module
-        else:
-            kv, mod = heads // groups, _OneQueryHeadPerKV(module)
-        k, v, mask = key, value, attention_mask
-        if columns is not None:  # gather the S + W columns first, so no closed head's full cache is copied
-            k, v = k[:, :, columns], v[:, :, columns]
-            mask = None if mask is None else mask[..., :n_keys][..., columns]
-        k, v = k[:, kv], v[:, kv]
-        if mask is not None and mask.shape[1] > 1:
-            mask = mask[:, heads]
-        part, _ = stock(mod, query[:, heads], k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
-        out[:, :, heads] = part
+    if split.opened is not None:  # a view of the cache when the open heads are contiguous
+        heads, kv = _on(split.opened[0], query.device), _on(split.opened[1], key.device)
+        part_mask = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
+        part_mask = part_mask if part_mask is None else part_mask[..., skip:]
+        out[:, :, heads], _ = stock(mod, query[:, heads], key[:, kv, skip:], value[:, kv, skip:], part_mask,
+                                    scaling=scaling, dropout=dropout, **kwargs)
+    heads, kv = split.closed
+    heads, kv = _on(heads, query.device), _on(kv, key.device)
+    if isinstance(kv, slice):  # gather the S + W keys of these heads only: no closed head's full cache is copied
+        k, v = _ends(key[:, kv], sink, recent, n_keys), _ends(value[:, kv], sink, recent, n_keys)
+    else:
+        k, v = _ends(key, sink, recent, n_keys)[:, kv], _ends(value, sink, recent, n_keys)[:, kv]
+    part_mask = None
+    if mask is not None:
+        part_mask = torch.cat([mask[..., :sink], mask[..., n_keys - recent:]], dim=-1)
+        part_mask = part_mask if part_mask.shape[1] == 1 else part_mask[:, heads]
+    out[:, :, heads], _ = stock(mod, query[:, heads], k, v, part_mask, scaling=scaling, dropout=dropout, **kwargs)
     return out, None
+
+
+def _ends(t: torch.Tensor, sink: int, recent: int, n_keys: int) -> torch.Tensor:
+    """The first `sink` and last `recent` positions of [B, H, S, D] (n_keys > sink + recent), one copy."""
+    return torch.cat([t[:, :, :sink], t[:, :, n_keys - recent:]], dim=2)
+
+
+def _on(sel, device):
+    return sel if isinstance(sel, slice) else sel.to(device)
 
 
 class _OneQueryHeadPerKV:

@@ -23,13 +23,13 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from dynheads.errors import ModelError
 from dynheads.interventions.methods import ablations
 from dynheads.models import LoadedModel, end_of_turn_ids
 from dynheads.tracing.attention import StepHooks, reduce_rows, tracing
-from dynheads.tracing.sparse import Sparsity
+from dynheads.tracing.cache import croppable_cache, ensure_capacity, prefill_chunks
+from dynheads.tracing.sparse import Sparsity, plan_step
 
 
 @dataclass(frozen=True)
@@ -118,22 +118,37 @@ class Tracer:
     # --- prefill -----------------------------------------------------------------------
     def prefill(self, input_ids: list[int], spans: dict[str, list[tuple[int, int]]] | None = None,
                 hidden_keys: np.ndarray | None = None) -> DecodeState:
-        """Run all prompt tokens but the last through SDPA into a fresh KV cache."""
-        cache = croppable_cache(self.lm.model.config)
+        """Run all prompt tokens but the last through SDPA into a fresh KV cache (with room for the answer)."""
+        cache = croppable_cache(self.lm.model.config, reserve=len(input_ids) - 1 + self.config.max_new_tokens)
         state = DecodeState(list(input_ids), cache, dict(spans or {}), hidden_keys)
         self.extend(state, [], hidden_keys=hidden_keys)
         return state
 
     def extend(self, state: DecodeState, new_ids: list[int], hidden_keys: np.ndarray | None = None) -> None:
-        """Append tokens and bring the cache up to all but the last id (chunked prefill)."""
+        """Append tokens and bring the cache up to all but the last id.
+
+        Under SDPA, more than ONE_CALL (cache.py, 8,192) tokens go through the model in chunks that end
+        at multiples of PREFILL_CHUNK (2,048; more than 2,048 on models with sliding-window layers, whose
+        one call would read every key behind the window): a 32K-token prompt then never builds SDPA's [32K, 32K]
+        mask (1 GiB as bool, 4 GiB as the float mask the CPU kernel converts it to), full-attention
+        layers compute [chunk, end] rectangles instead of the whole square behind the mask, and
+        sliding-window layers only the key blocks from each chunk's first window on.
+        The keys and values are bit-identical to one call (tested): every chunk ends on SDPA's
+        512-key block boundary, so each query row sums the same blocks in the same order, plus exact
+        zeros. Eager attention runs in one call: its softmax row grows with the chunk's keys, and a
+        term appended after them (gpt_oss's sinks) lands in another vector lane (not bit-identical).
+        """
         state.ids.extend(new_ids)
-        todo = state.ids[state.cache.get_seq_length(): len(state.ids) - 1]
-        if not todo:
+        start, end = state.cache.get_seq_length(), len(state.ids) - 1
+        if start >= end:
             return
-        hooks = StepHooks(seq_len=len(state.ids) - 1, hidden_keys=_as_mask(hidden_keys, len(state.ids) - 1))
+        hooks = StepHooks(seq_len=end, hidden_keys=_as_mask(hidden_keys, end))
         with tracing(self.lm.model, hooks), torch.inference_mode():
-            self.lm.model(input_ids=torch.tensor([todo], device=self.device), cache=state.cache,
-                          use_cache=True, logits_to_keep=1)
+            windowed = bool(self.lm.layout.sliding_layers)
+            for lo, hi in prefill_chunks(start, end, windowed=windowed) if hooks.stock == "sdpa" else [(start, end)]:
+                hooks.seq_len = hi
+                self.lm.model(input_ids=torch.tensor([state.ids[lo:hi]], device=self.device), cache=state.cache,
+                              use_cache=True, logits_to_keep=1)
         self._check_coverage(hooks.layers_seen)
 
     # --- decoding ----------------------------------------------------------------------
@@ -151,6 +166,7 @@ class Tracer:
         if heads is not None and (intervention is not None or self.config.record_rows):
             raise ModelError("head-sparse decoding takes no intervention and needs TraceConfig(record_rows=False)")
         start_ids = len(state.ids)
+        ensure_capacity(state.cache, start_ids - 1 + limit)  # the cache holds all ids but the last
         ablate_fn = ablations.get(ablation)
         kept: list[StepView] = []
         clean_steps: list[StepView] = []
@@ -236,7 +252,8 @@ class Tracer:
                      open_heads: tuple[np.ndarray, Sparsity] | None = None) -> StepView:
             seq_len = state.cache.get_seq_length() + 1
             hooks.seq_len, hooks.captured, hooks.record = seq_len, {}, record and open_heads is None
-            hooks.open_heads = None if open_heads is None else torch.from_numpy(open_heads[0])
+            hooks.open_heads = None if open_heads is None else plan_step(
+                open_heads[0], open_heads[1], self.lm.layout.n_heads, self.lm.layout.n_kv_heads)
             hooks.sparsity = None if open_heads is None else open_heads[1]
             hooks.head_mask = None if mask is None else torch.from_numpy(mask)
             hooks.ablation = ablate_fn
@@ -270,21 +287,6 @@ def input_device(model) -> torch.device:
     hook = getattr(embeddings, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
     return torch.device(device) if device is not None else embeddings.weight.device
-
-
-def croppable_cache(config) -> DynamicCache:
-    """A DynamicCache that can be cropped at any length, so prefills can be forked and steps re-run.
-
-    transformers' sliding-window layers drop keys once the window is full and then cannot be cropped;
-    here they are plain layers that keep every key. The window is still applied, by the attention
-    mask, so outputs are those of the stock cache; the cost is memory for keys outside the window.
-    """
-    cache = DynamicCache(config=config)
-    cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
-    if not cache.is_croppable:
-        raise ModelError(f"{config.model_type}: its cache cannot be cropped (linear-attention or other "
-                         "recurrent layers), so prefills cannot be forked")
-    return cache
 
 
 def _as_mask(hidden_keys: np.ndarray | None, length: int) -> torch.Tensor | None:

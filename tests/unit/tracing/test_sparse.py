@@ -6,6 +6,7 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from conftest import make_tiny_lm
+from old_tracer import index_gather
 from dynheads.errors import ModelError
 from dynheads.tracing.sparse import Sparsity, sparse_attention
 from dynheads.tracing.tracer import TraceConfig, Tracer
@@ -144,3 +145,48 @@ def test_the_stop_step_is_counted_among_the_steps_that_ran():
     trace = tracer.generate(state, heads=lambda t, prev, full: np.ones((2, 2), bool), sparsity=Sparsity(SINK, RECENT))
     assert trace.token_ids == [] and trace.stop_id == first.token_ids[0]
     assert len(trace.open_heads) == 1 and trace.open_heads[0].all()
+
+
+# --- the gather: views for open heads, S + W copies for closed ones, same bits as a plain index gather ---
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text", "mistral"])
+def test_gather_gives_the_bits_of_an_index_gather(family, monkeypatch):
+    import dynheads.tracing.attention as attention_module
+    from dynheads.conformance import build_tiny
+    from dynheads.heads import HeadLayout
+    from dynheads.models import LoadedModel
+
+    model = build_tiny(family)
+    lm = LoadedModel(model, None, HeadLayout.from_config(model.config), family, "", family)
+    layers, kv, heads = lm.layout.n_layers, lm.layout.n_kv_heads, lm.layout.n_heads
+
+    def run():
+        tracer = Tracer(lm, TraceConfig(max_new_tokens=NEW, record_rows=False))
+        tracer.stop_ids = set()
+        out = []
+        for unit, width in (("kv", kv), ("query", heads)):
+            for p in (0.0, 0.3, 0.6):
+                rng = np.random.default_rng(int(p * 10))
+                trace = tracer.generate(tracer.prefill(_ids()), heads=lambda t, prev, full: rng.random((layers, width)) < p,
+                                        sparsity=Sparsity(SINK, RECENT, unit))
+                out.append(trace.arrays())
+        return out
+
+    fast = run()
+    monkeypatch.setattr(attention_module, "sparse_attention", index_gather)
+    for a, b in zip(run(), fast):
+        assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_open_heads_read_the_cache_through_a_view_and_closed_heads_copy_only_sinks_and_window():
+    cache_k, cache_v = torch.randn(1, 3, 100, 8), torch.randn(1, 3, 100, 8)
+    key, value = cache_k[:, :, :60], cache_v[:, :, :60]  # the in-place cache's views
+    calls = []
+
+    def stock(module, q, k, v, mask, **kw):
+        calls.append((q.shape[1], k.shape[-2], k.untyped_storage().data_ptr() == cache_k.untyped_storage().data_ptr()))
+        return torch.zeros(1, 1, q.shape[1], 8), None
+
+    q = torch.randn(1, 6, 1, 8)
+    module = type("M", (), {"num_key_value_groups": 2})()
+    sparse_attention(stock, module, q, key, value, None, torch.tensor([True, True, False]), Sparsity(4, 8), 1.0, 0.0, {})
+    assert calls == [(4, 60, True), (2, 12, False)]  # 2 open KV heads: a view; 1 closed: its 12 keys copied
