@@ -103,3 +103,27 @@ def test_a_resumed_run_whose_detection_ranking_changed_is_refused(runs):
     for f in [*(det / "samples").glob("niah-400-0-*"), *(det / "records").glob("niah-400-0-*")]:
         f.unlink()
     assert_one_line_error(_dynheads(*args), "static_ranking")
+
+
+def test_the_query_policy_decides_inside_the_step_at_a_calibrated_average_budget(runs):
+    """`query` is calibrated on the detection prompts (thresholds saved), opens a varying number of KV heads per
+    step and layer, and pays for its page summaries in the KV read; the oracle − static gap it closes is reported."""
+    root, _ = runs
+    out = root / "query"
+    proc = _dynheads("sparse", "--detection", root / "det", "--policies", "static,oracle,query", "--budgets", "8",
+                     "--lengths", "400", "--depths", "50", "--samples-per-cell", "1", "--n-boot", "50", *SHORT,
+                     "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "results" / "sparse.json").read_text())
+    saved = json.loads((out / "query_thresholds.json").read_text())
+    assert saved["samples"] == 2 and saved["steps"] > 0 and result["query_thresholds"] == saved["thresholds"]
+    sample = json.loads((out / "samples" / "niah-400-50-0.json").read_text())
+    with np.load(out / "records" / "niah-400-50-0.npz") as z:
+        opened = z["query@8__open"]
+    assert opened.shape[1:] == (30, 3)
+    prompt = sample["prompt_tokens"]
+    keys = [(o.sum() * n + (90 - o.sum()) * (SINK + RECENT)) / (90 * n) for o, n in zip(opened, prompt + np.arange(len(opened)))]
+    decision = [((n - RECENT + 15) // 16 - SINK // 16) / n for n in prompt + np.arange(len(opened))]
+    assert sample["conditions"]["query@8"]["kv_read"] == pytest.approx(np.mean(np.add(keys, decision)))
+    assert "query@8" in result["gap_closed"]
+    assert "query@8: closes" in proc.stdout or "query@8: no oracle" in proc.stdout

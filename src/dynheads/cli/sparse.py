@@ -14,7 +14,8 @@ def register(app: typer.Typer) -> None:
     def sparse(
         model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
         policies: str = typer.Option("full,streaming,static,random,oracle,predicted",
-                                     help="head policies: full, streaming, static, random, oracle, predicted"),
+                                     help="head policies: full, streaming, static, random, oracle, predicted, query (decides inside "
+                                          "the step from Quest page bounds; threshold calibrated on --detection)"),
         budgets: str = typer.Option("1,2,4,8,16", help="heads (units) opened per step, over all layers"),
         detection: Path = typer.Option(..., help="traced run folder of OTHER samples (`dynheads niah`/`multihop`): "
                                        "static ranking and the predicted policy's training data"),

@@ -173,6 +173,7 @@ def format_head_sets(what: str = "heads") -> str:
     """`list heads`: every head set, when it decides, what it is and each command's names for it; `list selectors |
     strategies | policies`: one command's names and the head set each means."""
     import dynheads.headsets.builtin  # noqa: F401  (registers the built-ins; no torch)
+    import dynheads.headsets.in_step  # noqa: F401
     from dynheads.headsets.base import head_sets
     from dynheads.headsets.names import ABLATION, RAG, SPARSE, aliases
 

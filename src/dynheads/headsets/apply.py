@@ -5,7 +5,8 @@
   masked. `previous` is not given (the intervention never sees the masked pass that is kept).
 - `decoding_policy` (head-sparse decoding): called before each step with the previous kept step; for an
   AFTER_FULL_PASS set the tracer first runs the step dense (`needs_full_pass`), and the step is recomputed
-  sparse with the chosen units open.
+  sparse with the chosen units open; an IN_LAYER set returns a per-layer decision that the attention
+  function calls inside the step with that layer's query and keys.
 Dynamic RAG calls `HeadSet.at` itself, at its identification step (rag/loop.py).
 """
 from __future__ import annotations
@@ -49,12 +50,14 @@ def decoding_policy(heads: HeadSet, sample: EncodedSample, layout: HeadLayout, s
 
     `score` gives `scores`/`active` on the dense pass when there is one; `rng_at(t)` is step t's generator.
     """
-    check_decides(heads, "head-sparse decoding")
 
-    def policy(t: int, previous, full) -> np.ndarray:
+    def policy(t: int, previous, full):
         scores, active = score.on_step(full, sample.token_spans) if full is not None else (None, None)
-        return heads.at(t, layout, rng=rng_at(t), previous=previous, current=full, scores=scores, active=active,
-                        sample=sample, span=span)
+        known = dict(rng=rng_at(t), previous=previous, current=full, scores=scores, active=active, sample=sample,
+                     span=span)
+        if heads.decides == IN_LAYER:  # the tracer asks each layer inside the step (tracing/sparse.LayerDecision)
+            return lambda layer, seen: heads.at(t, layout, layer=layer, layer_input=seen, **known)
+        return heads.at(t, layout, **known)
 
     return policy
 
@@ -65,7 +68,7 @@ def needs_full_pass(heads: HeadSet) -> bool:
 
 
 def check_decides(heads: HeadSet, consumer: str) -> None:
-    """Refuse a head set that decides inside the forward pass: the tracer does not call head sets per layer yet."""
+    """Refuse a head set that decides inside the forward pass where the consumer cannot ask it per layer."""
     if heads.decides == IN_LAYER:
         raise ConfigError(f"head set '{heads.name}' decides per layer inside the forward pass, which {consumer} "
-                          "does not support yet (issue 19)")
+                          "does not support (head-sparse decoding does)")

@@ -18,8 +18,8 @@ When the consumers call a chooser (`decides`):
                    ablation always has it (the clean pass; the masked pass is recomputed), Dynamic RAG has the
                    identification step, head-sparse decoding runs the step dense first and recomputes it sparse
   IN_LAYER         per layer inside the forward pass, from what that layer sees (`Step.layer`,
-                   `Step.layer_input`: its query states or residual stream); reserved for decide-inside-the-step
-                   sets (issue 19), which the tracer does not call yet: consumers refuse them with one line
+                   `Step.layer_input`: a tracing.sparse.LayerInput with its query and keys): head-sparse
+                   decoding calls them inside each step (in_step.py: `query`); ablation and RAG refuse them
 """
 from __future__ import annotations
 
@@ -126,6 +126,7 @@ def build(spec: Spec | str, k: int | None = None, unit: str = "query", **availab
     """Create a registered head set with budget (k, unit): the spec's own arguments, then those of
     `available` its factory declares (so one call site serves every head set)."""
     import dynheads.headsets.builtin  # noqa: F401  (built-ins register at import)
+    import dynheads.headsets.in_step  # noqa: F401
 
     spec = Spec(spec) if isinstance(spec, str) else spec
     factory = head_sets.get(spec.name)

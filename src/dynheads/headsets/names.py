@@ -43,6 +43,7 @@ SPARSE = _table("head policy", {
     "random": Spec("random", {"per_step": True}),
     "oracle": Spec("oracle"),
     "predicted": Spec("predicted", {"source": "previous"}),
+    "query": Spec("query"),  # decides inside the step; its threshold is calibrated per budget (runners/sparse.py)
 })
 COMMANDS = {"ablate": ABLATION, "rag --heads": RAG, "sparse --policies": SPARSE}
 

@@ -158,17 +158,9 @@ def _compact(c: dict, decode: Callable) -> dict:
 
 def _prompt_ids(row: dict[str, Any], tokenizer) -> list[int]:
     """Re-encode the stored sample with the run's tokenizer; it must give the stored length and spans."""
-    from dynheads.tasks.base import PromptFormat, Sample, encode
+    from dynheads.tasks.base import encode_stored
 
-    s = dict(row["sample"])
-    s["prompt"] = PromptFormat(**s["prompt"])
-    s["spans"] = {k: [tuple(x) for x in v] for k, v in s["spans"].items()}
-    enc = encode(Sample(**s), tokenizer)
-    stored = {k: [list(x) for x in v] for k, v in row["token_spans"].items()}
-    if enc.prompt_len != row["prompt_tokens"] or {k: [list(x) for x in v] for k, v in enc.token_spans.items()} != stored:
-        raise DataError(f"sample {row['id']}: re-encoding the prompt gives {enc.prompt_len} tokens, the run stored "
-                        f"{row['prompt_tokens']} (another tokenizer?)")
-    return enc.input_ids
+    return encode_stored(row, tokenizer).input_ids
 
 
 def _score_name(cfg: dict[str, Any]) -> str:

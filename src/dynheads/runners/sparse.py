@@ -31,7 +31,9 @@ from dynheads.analyses.stats import ABOVE, ALPHA, BELOW, MIN_PAIRS, bootstrap_ci
 from dynheads.config import run_config
 from dynheads.errors import ConfigError
 from dynheads.headsets import apply
-from dynheads.headsets.base import build
+from dynheads.headsets.base import IN_LAYER, build
+from dynheads.headsets.in_step import DEFAULT_PAGE as QUERY_PAGE
+from dynheads.headsets.in_step import decision_read, layer_pull
 from dynheads.headsets.builtin import CONSTANT
 from dynheads.headsets.names import SPARSE
 from dynheads.models import LoadedModel
@@ -44,8 +46,9 @@ from dynheads.tracing.runner import run_samples
 from dynheads.tracing.sparse import Sparsity
 from dynheads.tracing.tracer import TraceConfig, Tracer
 
-POLICIES = ("full", "streaming", "static", "random", "oracle", "predicted")
-BUDGETLESS = tuple(name for name in POLICIES if SPARSE.get(name).name in CONSTANT)  # every head or none: k is moot
+POLICIES = ("full", "streaming", "static", "random", "oracle", "predicted")  # the default comparison
+KNOWN = POLICIES + ("query",)  # query: decides inside the step (headsets/in_step.py), calibrated on the detection run
+BUDGETLESS = tuple(name for name in KNOWN if SPARSE.get(name).name in CONSTANT)  # every head or none: k is moot
 METRICS = ("accuracy", "rouge_l", "kv_read")
 _GRID_KEYS = ("lengths", "depths", "samples_per_cell", "limit")  # which samples of a source, not the source
 
@@ -90,13 +93,16 @@ def sparse_sample(tracer: Tracer, encoded: EncodedSample, config: SparseConfig, 
     arrays, results = {}, {}
     for cond, name, k in conditions(config):
         heads = build(SPARSE.get(name), k=k, unit=config.sparsity.unit, ranking=inputs["ranking"],
-                      predictor=inputs.get("predictor"))
+                      predictor=inputs.get("predictor"), threshold=inputs.get("thresholds", {}).get(k))
         policy = apply.decoding_policy(heads, encoded, tracer.lm.layout, inputs["score"], inputs["span"], rng_at)
         trace = tracer.generate(state, heads=policy, sparsity=config.sparsity,
                                 full_pass_first=apply.needs_full_pass(heads), fork=True)
         opened = np.stack(trace.open_heads) if trace.open_heads else np.zeros((0, *inputs["shape"]), bool)
         kv = [config.sparsity.kv_read(o, encoded.prompt_len + t, tracer.lm.layout.group_size)
               for t, o in enumerate(opened)]
+        if heads.decides == IN_LAYER:  # the decision's own read: every KV head's far-page summaries
+            kv = [r + decision_read(encoded.prompt_len + t, QUERY_PAGE, config.sparsity.sink, config.sparsity.recent)
+                  for t, r in enumerate(kv)]
         response = tracer.lm.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
         scores = metric(response, encoded.sample)
         scores.setdefault("rouge_l", max(rouge_l(response, a) for a in encoded.sample.answers))
@@ -151,15 +157,58 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
     if "predicted" in config.policies:
         inputs["predictor"] = _predictor(detection, score, run.path / "predictor.pt", config.seed)
     tracer = Tracer(lm, trace)
+    if "query" in config.policies:
+        inputs["thresholds"] = calibrate_query(tracer, detection, config, run.path / "query_thresholds.json", quiet)
     run_samples(run, samples, lambda enc: sparse_sample(tracer, enc, config, inputs, metric), len(samples), quiet)
     result = summarise(run.sample_results(), config)
     result.update(static_ranking=source, detection=str(detection.path), sparsity=asdict(config.sparsity),
-                  predictor=_predictor_info(run.path / "predictor.pt"))
+                  predictor=_predictor_info(run.path / "predictor.pt"),
+                  query_thresholds={str(k): v for k, v in inputs.get("thresholds", {}).items()} or None)
     run.write_result("sparse", result)
     fig = accuracy_vs_kv_read(result, title=f"{Path(lm.source).name}: head-sparse decoding, {result['n_samples']} "
                               f"samples (S={config.sparsity.sink}, W={config.sparsity.recent}, {config.sparsity.unit} heads)")
     _save(fig, run.figure_path("sparse_accuracy_vs_kv"))
     return run, result
+
+
+def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, path: Path, quiet: bool = False
+                    ) -> dict[int, float]:
+    """The `query` policy's threshold per budget k, from the detection run's own prompts (never the evaluated ones).
+
+    Each detection prompt is decoded with every head open (plain generation) while every layer notes its
+    units' far pulls (headsets/in_step.layer_pull); k units per step on average exceed the (1 - k / units)
+    quantile of all those pulls, which is the threshold. Saved to `path` (JSON) and reused by a resumed run.
+    """
+    from dynheads.tasks.base import encode_stored
+    from dynheads.tracing.page_bounds import PageSummaries
+
+    if path.exists():
+        return {int(k): float(v) for k, v in json.loads(path.read_text())["thresholds"].items()}
+    layout, sparsity = tracer.lm.layout, config.sparsity
+    units = sparsity.units(layout.n_heads, layout.n_kv_heads)
+    group = layout.group_size if sparsity.unit == "kv" else 1
+    pulls: list[np.ndarray] = []
+    rows = detection.sample_results()
+    for row in rows:
+        encoded = encode_stored(row, tracer.lm.tokenizer)
+        summaries = PageSummaries(QUERY_PAGE)
+
+        def note(layer: int, seen) -> np.ndarray:
+            pulls.append(layer_pull(seen, layer, summaries).reshape(-1, group).max(-1))
+            return np.ones(units, bool)  # every head open: the detection prompt decodes as plain generation
+
+        state = tracer.prefill(encoded.input_ids, encoded.token_spans)
+        tracer.generate(state, heads=lambda t, previous, full: note, sparsity=sparsity, fork=False)
+    values = np.concatenate(pulls) if pulls else np.zeros(0)
+    if not len(values):
+        raise ConfigError(f"detection run {detection.path}: no decode step to calibrate the query policy on")
+    total = layout.n_layers * units
+    thresholds = {k: float(np.quantile(values, 1 - k / total)) for k in config.budgets}
+    path.write_text(json.dumps({"thresholds": {str(k): v for k, v in thresholds.items()}, "samples": len(rows),
+                                "steps": len(values) // total, "page": QUERY_PAGE}, indent=2))
+    if not quiet:
+        print(f"query policy calibrated on {len(rows)} detection prompts: thresholds {thresholds}")
+    return thresholds
 
 
 def summarise(rows: list[dict], config: SparseConfig) -> dict:
@@ -174,15 +223,28 @@ def summarise(rows: list[dict], config: SparseConfig) -> dict:
              for c, p, k in conditions(config)}
     tests = []
     # predicted − static answers the question; oracle − static is the headroom any dynamic policy has there.
-    for policy in ("predicted", "oracle"):
+    for policy in ("predicted", "query", "oracle"):
         if {policy, "static"} <= set(config.policies):
             for k in config.budgets:
                 for m in ("accuracy", "rouge_l"):
                     diff = paired_difference(per[f"{policy}@{k}"][m], per[f"static@{k}"][m],
                                              rng(f"{policy}@{k}-static@{k}/{m}"), config.n_boot)
                     tests.append({"a": f"{policy}@{k}", "b": f"static@{k}", "budget": k, "metric": m, **asdict(diff)})
-    return {"n_samples": len(rows), "conditions": conds, "comparisons": tests,
+    return {"n_samples": len(rows), "conditions": conds, "comparisons": tests, "gap_closed": gap_closed(conds, config),
             "verdict": verdict([t for t in tests if t["a"].startswith("predicted@")])}
+
+
+def gap_closed(conds: dict, config: SparseConfig) -> dict[str, float | None]:
+    """Per budget, the fraction of the oracle − static accuracy gap a deployable dynamic policy closes:
+    (policy − static) / (oracle − static); None where the oracle is not above static."""
+    out: dict[str, float | None] = {}
+    for policy in ("predicted", "query"):
+        if {policy, "static", "oracle"} <= set(config.policies):
+            for k in config.budgets:
+                acc = {p: conds[f"{p}@{k}"]["accuracy"]["estimate"] for p in (policy, "static", "oracle")}
+                gap = acc["oracle"] - acc["static"]
+                out[f"{policy}@{k}"] = (acc[policy] - acc["static"]) / gap if gap > 0 else None
+    return out
 
 
 def verdict(tests: list[dict]) -> str:

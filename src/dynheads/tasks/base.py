@@ -192,3 +192,19 @@ def get_task(name: str) -> Task:
     import dynheads.tasks.niah  # noqa: F401
 
     return tasks.get(name)
+
+
+def encode_stored(row: dict[str, Any], tokenizer) -> EncodedSample:
+    """Re-encode a run's stored sample (samples/<id>.json) with the run's tokenizer; it must give the stored
+    length and spans (another tokenizer is refused with one line)."""
+    from dynheads.errors import DataError
+
+    s = dict(row["sample"])
+    s["prompt"] = PromptFormat(**s["prompt"])
+    s["spans"] = {k: [tuple(x) for x in v] for k, v in s["spans"].items()}
+    enc = encode(Sample(**s), tokenizer)
+    stored = {k: [list(x) for x in v] for k, v in row["token_spans"].items()}
+    if enc.prompt_len != row["prompt_tokens"] or {k: [list(x) for x in v] for k, v in enc.token_spans.items()} != stored:
+        raise DataError(f"sample {row['id']}: re-encoding the prompt gives {enc.prompt_len} tokens, the run stored "
+                        f"{row['prompt_tokens']} (another tokenizer?)")
+    return enc

@@ -29,13 +29,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dynheads.errors import ModelError
-from dynheads.tracing.sparse import HeadSplit, Sparsity, sparse_attention
+from dynheads.tracing.sparse import HeadSplit, LayerDecision, LayerInput, Sparsity, sparse_attention, split_heads
 
 NAME_PREFIX = "dynheads_"  # registered as dynheads_<stock>: the mask builder must be the stock one's
 _HOOK_ATTR = "_dynheads_hooks"
@@ -67,6 +68,7 @@ class StepHooks:
     ablation: AblationFn | None = None
     hidden_keys: torch.Tensor | None = None  # bool [seq_len]: keys no query of this call may see
     open_heads: list[HeadSplit] | None = None  # head-sparse decoding: per layer, the heads that read all keys
+    decide: LayerDecision | None = None  # head-sparse decoding decided per layer inside the step (IN_LAYER sets)
     sparsity: Sparsity | None = None  # what closed heads read (with open_heads)
     captured: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> newest row [heads, S] fp32
     stock: str = "sdpa"  # the model's own attention implementation (set by `tracing()`)
@@ -86,10 +88,12 @@ def traced_attention(module, query, key, value, attention_mask, scaling=None, dr
         attention_mask = _with_hidden_keys(attention_mask, hooks, query, key.shape[-2])
     stock = _stock_function(module, hooks.stock)
     skip = _hidden_blocks(attention_mask, query, key.shape[-2]) if hooks.stock == "sdpa" else 0
-    if hooks.open_heads is not None:
+    if hooks.open_heads is not None or hooks.decide is not None:
         if hooks.stock.startswith("flash"):
             raise ModelError("head-sparse decoding needs eager or sdpa attention, not flash")
-        sparse = sparse_attention(stock, module, query, key, value, attention_mask, hooks.open_heads[layer],
+        split = hooks.open_heads[layer] if hooks.decide is None else _decide(hooks, layer, query, key,
+                                                                              attention_mask, scaling)
+        sparse = sparse_attention(stock, module, query, key, value, attention_mask, split,
                                   hooks.sparsity, scaling, dropout, kwargs, skip)
         if sparse is not None:
             return sparse
@@ -224,6 +228,23 @@ def _explicit_row(query, key, attention_mask, scale, terms: dict, skip: int = 0)
         return torch.softmax(scores, dim=-1)
     with_sink = torch.cat([scores, sinks.float().reshape(n_heads, 1)], dim=-1)
     return torch.softmax(with_sink, dim=-1)[:, :-1]  # the sink takes mass but is not a position
+
+
+def _decide(hooks: StepHooks, layer: int, query, key, attention_mask, scaling) -> HeadSplit:
+    """The layer's open units, chosen inside the step by `hooks.decide` from what the layer sees."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    seen = LayerInput(query, key, float(scale), _first_visible(attention_mask, key.shape[-2]), hooks.sparsity)
+    units = np.asarray(hooks.decide(layer, seen), bool)
+    return split_heads(units, hooks.sparsity.unit, query.shape[1], key.shape[1])
+
+
+def _first_visible(attention_mask, n_keys: int) -> int:
+    """The first key the newest query row may see under any head (0 without a mask)."""
+    if attention_mask is None:
+        return 0
+    row = attention_mask[0, :, -1, :n_keys]
+    visible = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min
+    return int(visible.any(0).to(torch.uint8).argmax())
 
 
 def _hidden_blocks(attention_mask, query, n_keys: int) -> int:

@@ -110,6 +110,26 @@ def _index(heads: np.ndarray, kv: np.ndarray):
     return torch.from_numpy(heads.astype(np.int64)), torch.from_numpy(kv.astype(np.int64))
 
 
+@dataclass(frozen=True)
+class LayerInput:
+    """What a layer's attention sees when a head set decides inside the step (IN_LAYER head sets).
+
+    query [B, H, 1, D] and key [B, Hkv, S, D] (the cache with the new token); `visible_from` is the
+    first key the step's mask lets any head see (a sliding window hides the rest); `scale` the
+    attention scaling; `sparsity` what a closed head reads.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    scale: float
+    visible_from: int
+    sparsity: Sparsity
+
+
+# A decision inside the step: (layer, what it sees) -> bool [units] open for that layer.
+LayerDecision = Callable[[int, LayerInput], np.ndarray]
+
+
 def plan_step(open_units: np.ndarray, sparsity: Sparsity, n_heads: int, n_kv: int) -> list[HeadSplit]:
     """Per layer, the calls of one sparse step (open_units bool [layers, units])."""
     return [split_heads(layer, sparsity.unit, n_heads, n_kv) for layer in np.asarray(open_units, bool)]

@@ -182,8 +182,14 @@ class Tracer:
                     if full_pass_first:
                         full = run_step(t, None, ablate_fn, record=True)
                         state.cache.crop(-1)
-                    opened.append(np.asarray(heads(t, kept[-1] if kept else None, full), bool))
-                    view = run_step(t, None, ablate_fn, open_heads=(opened[-1], sparsity))
+                    choice = heads(t, kept[-1] if kept else None, full)
+                    if callable(choice):  # decided per layer inside the step (an IN_LAYER head set)
+                        decided: dict[int, np.ndarray] = {}
+                        view = run_step(t, None, ablate_fn, open_heads=(_noting(choice, decided), sparsity))
+                        opened.append(self._decisions(decided, sparsity))
+                    else:
+                        opened.append(np.asarray(choice, bool))
+                        view = run_step(t, None, ablate_fn, open_heads=(opened[-1], sparsity))
                 if intervention is not None:
                     mask = intervention(view)
                     mask = np.zeros(self.lm.layout.shape, bool) if mask is None else np.asarray(mask, bool)
@@ -206,6 +212,12 @@ class Tracer:
         if fork:
             self.rewind(state, start_ids)
         return trace
+
+    def _decisions(self, decided: dict[int, np.ndarray], sparsity: Sparsity) -> np.ndarray:
+        """bool [layers, units] of one step decided per layer (a layer that made no sparse call: all open)."""
+        layout = self.lm.layout
+        units = sparsity.units(layout.n_heads, layout.n_kv_heads)
+        return np.stack([np.asarray(decided.get(i, np.ones(units, bool)), bool) for i in range(layout.n_layers)])
 
     def rewind(self, state: DecodeState, n_ids: int) -> None:
         """Forget everything after the first `n_ids` ids (the cache keeps n_ids - 1 tokens)."""
@@ -252,7 +264,9 @@ class Tracer:
                      open_heads: tuple[np.ndarray, Sparsity] | None = None) -> StepView:
             seq_len = state.cache.get_seq_length() + 1
             hooks.seq_len, hooks.captured, hooks.record = seq_len, {}, record and open_heads is None
-            hooks.open_heads = None if open_heads is None else plan_step(
+            deciding = open_heads is not None and callable(open_heads[0])
+            hooks.decide = open_heads[0] if deciding else None
+            hooks.open_heads = None if open_heads is None or deciding else plan_step(
                 open_heads[0], open_heads[1], self.lm.layout.n_heads, self.lm.layout.n_kv_heads)
             hooks.sparsity = None if open_heads is None else open_heads[1]
             hooks.head_mask = None if mask is None else torch.from_numpy(mask)
@@ -360,3 +374,13 @@ def trace_generation(model, tokenizer, prompt: str | list[int], needle: str | No
     if "needle" in spans and len(arrays["token_id"]):
         arrays["score"] = copy_paste_score(arrays, spans)
     return trace, arrays
+
+
+def _noting(decide, decided: dict[int, np.ndarray]):
+    """`decide` that also notes each layer's choice in `decided` (the step's open units, for the trace)."""
+
+    def noted(layer: int, seen) -> np.ndarray:
+        decided[layer] = np.asarray(decide(layer, seen), bool)
+        return decided[layer]
+
+    return noted

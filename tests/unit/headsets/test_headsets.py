@@ -47,7 +47,7 @@ def _at(heads: HeadSet, t=0, **known):
 
 
 def test_registry_lists_every_head_set_and_rejects_unknown_names():
-    assert head_sets.names() == ["all", "dynamic", "none", "oracle", "predicted", "progressive", "random", "static",
+    assert head_sets.names() == ["all", "dynamic", "none", "oracle", "predicted", "progressive", "query", "random", "static",
                                  "static_excluding_dynamic"]
     with pytest.raises(ConfigError, match="unknown head set 'nope'"):
         build("nope")
@@ -189,7 +189,7 @@ def test_each_commands_names_map_onto_the_registry():
     assert {n: (s.name, s.args) for n, s in ((n, SPARSE.get(n)) for n in SPARSE.names())} == {
         "full": ("all", {}), "streaming": ("none", {}), "static": ("static", {}),
         "random": ("random", {"per_step": True}), "oracle": ("oracle", {}),
-        "predicted": ("predicted", {"source": "previous"})}
+        "predicted": ("predicted", {"source": "previous"}), "query": ("query", {})}
     assert {n: (s.name, s.args) for n, s in ((n, RAG.get(n)) for n in RAG.names())} == {
         "dynamic": ("predicted", {"source": "current"}), "static": ("static", {}),
         "dynamic-random": ("random", {"per_step": True}), "fixed-random": ("random", {"per_step": False}),
@@ -226,13 +226,16 @@ def test_the_decoding_policy_sees_t_the_previous_step_the_dense_pass_and_a_gener
     assert _flat(active) == [0] and scores[0, 0] == 1.0
 
 
-def test_a_head_set_that_decides_inside_the_layer_is_refused_by_every_consumer_for_now():
+def test_a_head_set_that_decides_inside_the_layer_is_refused_by_ablation_and_rag():
     inside = HeadSet("query", lambda step: np.ones(step.shape, bool), decides=IN_LAYER)
     for call in (lambda: apply.intervention(inside, SAMPLE, LAYOUT, get_score("copy_paste")),
-                 lambda: apply.decoding_policy(inside, SAMPLE, LAYOUT, get_score("copy_paste"), "needle", None),
                  lambda: apply.check_decides(inside, "Dynamic RAG")):
         with pytest.raises(ConfigError, match="decides per layer inside the forward pass"):
             call()
+    # head-sparse decoding asks it per layer: the policy returns the layer decision the attention calls
+    decide = apply.decoding_policy(inside, SAMPLE, LAYOUT, get_score("copy_paste"), "needle",
+                                   lambda t: np.random.default_rng(t))(0, None, None)
+    assert callable(decide) and decide(1, None).all()
 
 
 def test_ablation_masks_query_heads_only():

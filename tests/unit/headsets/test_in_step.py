@@ -1,0 +1,72 @@
+"""The `query` head set decides inside the step: every head open = plain generation, none = streaming, and the
+per-layer decisions it records are the ones the attention applied (a before-step replay gives the same tokens)."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_lm
+from dynheads.headsets import apply
+from dynheads.headsets.base import IN_LAYER, build
+from dynheads.headsets.in_step import decision_read, layer_pull
+from dynheads.registry import Spec
+from dynheads.scores.base import get_score
+from dynheads.tasks.base import EncodedSample, PromptFormat, Sample
+from dynheads.tracing.page_bounds import PageSummaries
+from dynheads.tracing.sparse import LayerInput, Sparsity
+from dynheads.tracing.tracer import TraceConfig, Tracer
+
+PROMPT_LEN, NEW = 80, 10
+SPARSITY = Sparsity(4, 8)
+
+
+def _ids(seed=2):
+    return torch.randint(3, 97, (PROMPT_LEN,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _generate(lm, threshold):
+    heads = build(Spec("query", {} if threshold is None else {"threshold": threshold}), unit="kv")
+    sample = EncodedSample(Sample("s", "", "", "", {}, PromptFormat(None, "{context}")), _ids(), {}, (0, PROMPT_LEN), "")
+    policy = apply.decoding_policy(heads, sample, lm.layout, get_score("copy_paste"), "needle",
+                                   lambda t: np.random.default_rng(t))
+    tracer = Tracer(lm, TraceConfig(max_new_tokens=NEW, record_rows=False))
+    return tracer, tracer.generate(tracer.prefill(_ids()), heads=policy, sparsity=SPARSITY)
+
+
+def test_every_head_open_is_plain_generation_and_none_is_streaming():
+    lm = make_tiny_lm("llama")
+    plain = Tracer(lm, TraceConfig(max_new_tokens=NEW))
+    expected = plain.generate(plain.prefill(_ids()))
+    _, opened = _generate(lm, float("-inf"))
+    assert opened.token_ids == expected.token_ids and np.all(opened.open_heads)
+    assert [s.logprob for s in opened.steps] == [s.logprob for s in expected.steps]
+    tracer, closed = _generate(lm, None)  # no threshold: nothing opens
+    assert not np.any(closed.open_heads)
+    streaming = tracer.generate(tracer.prefill(_ids()), heads=lambda t, p, f: np.zeros((2, 2), bool), sparsity=SPARSITY)
+    assert closed.token_ids == streaming.token_ids
+
+
+def test_recorded_decisions_are_the_ones_applied():
+    lm = make_tiny_lm("llama")
+    assert build(Spec("query", {"threshold": 0.0}), unit="kv").decides == IN_LAYER
+    # the tiny model's logits are near 0, so every pull is near -log(S + W) = -2.48: -2.3 opens some heads, not all
+    tracer, traced = _generate(lm, -2.3)
+    opened = np.stack(traced.open_heads)
+    assert 0 < opened.sum() < opened.size
+    assert len({o.tobytes() for o in opened}) > 1  # decided per step and layer, not fixed
+    replay = tracer.generate(tracer.prefill(_ids()), heads=lambda t, p, f: traced.open_heads[t], sparsity=SPARSITY)
+    assert replay.token_ids == traced.token_ids
+    assert [s.logprob for s in replay.steps] == [s.logprob for s in traced.steps]
+
+
+def test_layer_pull_is_the_page_bound_per_query_head():
+    summaries = PageSummaries(16)
+    key = torch.randn(1, 2, 60, 8, generator=torch.Generator().manual_seed(0))
+    query = torch.randn(1, 4, 1, 8, generator=torch.Generator().manual_seed(1))
+    pulls = layer_pull(LayerInput(query, key, 8 ** -0.5, 0, SPARSITY), 0, summaries)
+    assert pulls.shape == (4,) and np.isfinite(pulls).all()
+    assert summaries.layers[0].n_keys == 60
+
+
+def test_decision_read_counts_far_pages_against_the_whole_cache():
+    assert decision_read(1000, 16, 16, 64) == pytest.approx(((1000 - 64 + 15) // 16 - 1) / 1000)
+    assert decision_read(70, 16, 16, 64) == 0.0
