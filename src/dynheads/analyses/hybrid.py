@@ -200,7 +200,8 @@ def _adjacent_pairs(active: np.ndarray, ids: np.ndarray, steps: np.ndarray, copy
     a, b = order[:-1], order[1:]
     keep = (ids[a] == ids[b]) & (steps[b] == steps[a] + 1) & copy[a] & copy[b]
     a, b = a[keep], b[keep]
-    flat_a, flat_b = active[a].reshape(len(a), -1), active[b].reshape(len(b), -1)
+    width = int(np.prod(active.shape[1:]))  # explicit: a bin with no consecutive copy steps has 0 rows
+    flat_a, flat_b = active[a].reshape(len(a), width), active[b].reshape(len(b), width)
     inter, union = (flat_a & flat_b).sum(1), (flat_a | flat_b).sum(1)
     jac = inter / np.maximum(union, 1)
     return np.stack([jac, np.ones_like(jac)], 1).astype(float), ids[a]

@@ -34,3 +34,12 @@ def test_global_share_entropy_and_adjacent_jaccard():
     assert math.isclose(b.entropy.estimate, float(-(p * np.log(p)).sum()))
     assert math.isclose(b.adjacent_jaccard.estimate, 1 / 2)  # only a's steps 0→1 are both copy steps
     assert (b.heads_ever_active, b.global_heads_ever_active) == (3, 2)
+
+
+def test_a_bin_without_consecutive_copy_steps_has_no_adjacent_jaccard():
+    """A run whose heads are almost never active (a long prompt the model does not answer): no crash, no value."""
+    active = np.zeros((3, 3, 2), bool)
+    active[1, 2, 0] = True  # one copy step, no neighbour that copies
+    (b,) = hybrid_stats(active, np.array(["a"] * 3), np.array([0, 1, 2]), LAYOUT, np.array(["x"] * 3), ["x"],
+                        n_boot=50)
+    assert b.n_copy_steps == 1 and b.adjacent_jaccard.estimate is None and b.adjacent_jaccard.n == 0
