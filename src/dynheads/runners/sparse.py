@@ -137,9 +137,8 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
     detection = RunDir.open(Path(config.detection).expanduser(), what="detection run")
     det_cfg = detection.config
     ids = {e.sample.id for e in samples}
-    task_config = _task_of(task_config).inputs(task_config)[0]  # paths resolved, as the detection run stores them
+    task_config = _check_disjoint(detection, task_config, ids)  # paths resolved, as the detection run stores them
     task = asdict(task_config)
-    _check_disjoint(detection, task_config, ids)
     ranking, source = ranking_from_run(detection, lm.layout, task_config, ids, what="detection run")
     if config.static_ranking is not None:
         ranking, source = load_static_ranking(config.static_ranking, lm, task_config, ids, task_config, Path(out),
@@ -273,8 +272,9 @@ def verdict(tests: list[dict]) -> str:
 
 
 # --- internals -----------------------------------------------------------------------------
-def _check_disjoint(detection: RunDir, task_config: Any, ids: set[str]) -> None:
-    """Refuse a detection run that traced any of the evaluated samples (same sample id from the same source).
+def _check_disjoint(detection: RunDir, task_config: Any, ids: set[str]) -> Any:
+    """Refuse a detection run that traced any of the evaluated samples (same sample id from the same source);
+    returns the task config with its paths resolved (its input files are hashed once, here).
 
     The source is the task config without its grid, with each input file compared by resolved path *or*
     content hash (a relative or copied path to the same data is the same source); whenever the source is
@@ -289,6 +289,7 @@ def _check_disjoint(detection: RunDir, task_config: Any, ids: set[str]) -> None:
     if shared:
         raise ConfigError(f"detection run {detection.path} traced evaluated sample {shared[0]} "
                           "(same task source); use a detection run with another --seed or other data")
+    return resolved
 
 
 def _same_input(a: dict | None, b: dict | None) -> bool:

@@ -233,18 +233,18 @@ def _explicit_row(query, key, attention_mask, scale, terms: dict, skip: int = 0)
 def _decide(hooks: StepHooks, layer: int, query, key, attention_mask, scaling) -> HeadSplit:
     """The layer's open units, chosen inside the step by `hooks.decide` from what the layer sees."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    seen = LayerInput(query, key, float(scale), _first_visible(attention_mask, key.shape[-2]), hooks.sparsity)
+    seen = LayerInput(query, key, float(scale), _first_visible(attention_mask, query, key.shape[-2]), hooks.sparsity)
     units = np.asarray(hooks.decide(layer, seen), bool)
     return split_heads(units, hooks.sparsity.unit, query.shape[1], key.shape[1])
 
 
-def _first_visible(attention_mask, n_keys: int) -> int:
-    """The first key the newest query row may see under any head (0 without a mask)."""
+def _first_visible(attention_mask, query, n_keys: int) -> int:
+    """The first key any query row of the call may see under any head (0 without a mask)."""
     if attention_mask is None:
         return 0
-    row = attention_mask[0, :, -1, :n_keys]
-    visible = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min
-    return int(visible.any(0).to(torch.uint8).argmax())
+    mask = attention_mask[0, :, -1:, :n_keys] if query.shape[-2] == 1 else attention_mask[0, :, :, :n_keys]
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+    return int(visible.any(1).any(0).to(torch.uint8).argmax())
 
 
 def _hidden_blocks(attention_mask, query, n_keys: int) -> int:
@@ -257,9 +257,7 @@ def _hidden_blocks(attention_mask, query, n_keys: int) -> int:
     0 for short contexts."""
     if attention_mask is None or attention_mask.dtype != torch.bool or n_keys < 2 * KEY_BLOCK:
         return 0
-    rows = attention_mask[0, :, -1, :n_keys] if query.shape[-2] == 1 else attention_mask[0, :, :, :n_keys].any(1)
-    first = int(rows.any(0).to(torch.uint8).argmax())
-    return min(first, n_keys - KEY_BLOCK) // KEY_BLOCK * KEY_BLOCK
+    return min(_first_visible(attention_mask, query, n_keys), n_keys - KEY_BLOCK) // KEY_BLOCK * KEY_BLOCK
 
 
 def reduce_rows(hooks: StepHooks, n_layers: int) -> dict[str, torch.Tensor]:

@@ -74,10 +74,6 @@ class PageSummaries:
         self.layers[layer] = fresh
         return fresh
 
-    def fork(self) -> "PageSummaries":
-        """An independent copy for a forked cache (tensors are replaced, never written, so sharing is safe)."""
-        return PageSummaries(self.page, dict(self.layers))
-
 
 def far_pages(n_keys: int, page: int, sink: int, recent: int, visible_from: int = 0) -> slice:
     """Pages holding a far key: one at or after max(sink, visible_from) and before n_keys - recent.
