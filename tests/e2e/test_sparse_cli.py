@@ -6,6 +6,8 @@ import subprocess
 import numpy as np
 import pytest
 
+from dynheads.analyses.probes import Probe
+
 from e2e.helpers import BIN, assert_one_line_error
 
 pytestmark = pytest.mark.e2e
@@ -44,14 +46,17 @@ def test_sparse_writes_conditions_kv_read_tests_and_figure(runs):
     assert (out / "figures" / "sparse_accuracy_vs_kv.png").stat().st_size > 5_000
     sample = json.loads((out / "samples" / "niah-400-50-0.json").read_text())
     prompt = sample["prompt_tokens"]
+    probe = sum(p.numel() for p in Probe.load(out / "predictor.pt").model.parameters())  # read once per step
     with np.load(out / "records" / "niah-400-50-0.npz") as z:
         for cond, k in (("static@4", 4), ("predicted@4", 4), ("random@4", 4), ("oracle@4", 4)):
             opened = z[f"{cond}__open"]
             n_steps = sample["conditions"][cond]["n_steps"]
             assert len(opened) in (n_steps, n_steps + 1)  # every step that ran: the answer's and the stop step
             assert opened.shape[1:] == (30, 3) and (opened.reshape(len(opened), -1).sum(1) == k).all()
-            # every step: k KV heads read all n keys, the other 90 − k read S + W
-            expected = np.mean([(k * n + (90 - k) * (SINK + RECENT)) / (90 * n)
+            # every step: k KV heads read all n keys, the other 90 − k read S + W; the predicted policy also
+            # reads its probe's weights (against 2 · 30 layers · 3 KV heads · 64 channels per cached key)
+            cost = probe if cond.startswith("predicted") else 0
+            expected = np.mean([(k * n + (90 - k) * (SINK + RECENT)) / (90 * n) + cost / (2 * 90 * 64 * n)
                                 for n in prompt + np.arange(len(opened))])
             assert sample["conditions"][cond]["kv_read"] == pytest.approx(expected)
             assert len(z[f"{cond}__token_id"]) == sample["conditions"][cond]["n_steps"]
@@ -105,12 +110,15 @@ def test_a_resumed_run_whose_detection_ranking_changed_is_refused(runs):
     assert_one_line_error(_dynheads(*args), "static_ranking")
 
 
-def test_the_query_policy_decides_inside_the_step_at_a_calibrated_average_budget(runs):
+def test_the_in_step_policies_decide_inside_the_step_and_pay_for_the_decision(runs):
     """`query` is calibrated on the detection prompts (thresholds saved), opens a varying number of KV heads per
-    step and layer, and pays for its page summaries in the KV read; the oracle − static gap it closes is reported."""
+    step and layer, and pays for its page summaries in the KV read; `layerwise` fits its probe after layer 2 on
+    the detection prompts, opens exactly k units per step (static in layers 0..2) and pays for the probe's
+    weights; the oracle − static gap each closes is reported."""
     root, _ = runs
     out = root / "query"
-    proc = _dynheads("sparse", "--detection", root / "det", "--policies", "static,oracle,query", "--budgets", "8",
+    proc = _dynheads("sparse", "--detection", root / "det", "--policies", "static,oracle,query,layerwise",
+                     "--probe-layer", "2", "--budgets", "8",
                      "--lengths", "400", "--depths", "50", "--samples-per-cell", "1", "--n-boot", "50", *SHORT,
                      "--out", out)
     assert proc.returncode == 0, proc.stderr
@@ -125,5 +133,14 @@ def test_the_query_policy_decides_inside_the_step_at_a_calibrated_average_budget
     keys = [(o.sum() * n + (90 - o.sum()) * (SINK + RECENT)) / (90 * n) for o, n in zip(opened, prompt + np.arange(len(opened)))]
     decision = [((n - RECENT + 15) // 16 - SINK // 16) / n for n in prompt + np.arange(len(opened))]
     assert sample["conditions"]["query@8"]["kv_read"] == pytest.approx(np.mean(np.add(keys, decision)))
-    assert "query@8" in result["gap_closed"]
+    assert "query@8" in result["gap_closed"] and "layerwise@8" in result["gap_closed"]
     assert "query@8: closes" in proc.stdout or "query@8: no oracle" in proc.stdout
+    probe = Probe.load(out / "layer_probe.pt")
+    assert probe.meta["layer"] == 2 and probe.shape == (27, 9) and probe.arch["sizes"] == []  # linear, layers 3..29
+    assert result["layer_probe"]["layer"] == 2 and result["layer_probe"]["samples"] == 2
+    with np.load(out / "records" / "niah-400-50-0.npz") as z:
+        opened, static = z["layerwise@8__open"], z["static@8__open"]
+    assert (opened.reshape(len(opened), -1).sum(1) == 8).all() and (opened[:, :3] == static[0, :3]).all()
+    params = sum(p.numel() for p in probe.model.parameters())
+    keys = [(8 * n + 82 * (SINK + RECENT)) / (90 * n) + params / (2 * 90 * 64 * n) for n in prompt + np.arange(len(opened))]
+    assert sample["conditions"]["layerwise@8"]["kv_read"] == pytest.approx(np.mean(keys))

@@ -15,7 +15,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("default", help="'default', a local HF folder, a cached Hub id or a .gguf file"),
         policies: str = typer.Option("full,streaming,static,random,oracle,predicted",
                                      help="head policies: full, streaming, static, random, oracle, predicted, query (decides inside "
-                                          "the step from Quest page bounds; threshold calibrated on --detection)"),
+                                          "the step from Quest page bounds; threshold calibrated on --detection), "
+                                          "layerwise (static set up to --probe-layer, above it a probe on the "
+                                          "step's own residual stream, fitted on --detection)"),
         budgets: str = typer.Option("1,2,4,8,16", help="heads (units) opened per step, over all layers"),
         detection: Path = typer.Option(..., help="traced run folder of OTHER samples (`dynheads niah`/`multihop`): "
                                        "static ranking and the predicted policy's training data"),
@@ -35,6 +37,8 @@ def register(app: typer.Typer) -> None:
         data: Optional[Path] = typer.Option(None, help="multi-hop QA file instead of NIAH (as `dynheads multihop`)"),
         limit: Optional[int] = typer.Option(100, min=1, help="multi-hop: samples"),
         max_new_tokens: int = typer.Option(48, min=1),
+        probe_layer: Optional[int] = typer.Option(None, min=0, help="layerwise: the probe reads the residual "
+                                                  "stream after this layer (default: a quarter of the layers deep)"),
         n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),
         prompt_style: str = PROMPT_STYLE,
@@ -69,7 +73,7 @@ def register(app: typer.Typer) -> None:
         from dynheads.tracing.sparse import Sparsity
 
         config = SparseConfig(str(detection), parse_list(policies, "policies", str), budget_values,
-                              Sparsity(sink, recent, unit), static_ranking, n_boot, seed)
+                              Sparsity(sink, recent, unit), static_ranking, n_boot, seed, probe_layer)
         from dynheads.models import load_model
         from dynheads.report.sparse_figures import sparse_table
         from dynheads.runners.sparse import run_sparse

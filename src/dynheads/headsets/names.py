@@ -44,6 +44,7 @@ SPARSE = _table("head policy", {
     "oracle": Spec("oracle"),
     "predicted": Spec("predicted", {"source": "previous"}),
     "query": Spec("query"),  # decides inside the step; its threshold is calibrated per budget (runners/sparse.py)
+    "layerwise": Spec("layerwise"),  # decides inside the step from a probe on an early layer's residual stream
 })
 COMMANDS = {"ablate": ABLATION, "rag --heads": RAG, "sparse --policies": SPARSE}
 

@@ -33,7 +33,7 @@ from dynheads.errors import ConfigError
 from dynheads.headsets import apply
 from dynheads.headsets.base import IN_LAYER, build
 from dynheads.headsets.in_step import DEFAULT_PAGE as QUERY_PAGE
-from dynheads.headsets.in_step import decision_read, layer_pull
+from dynheads.headsets.in_step import decision_read, layer_pull, probe_read
 from dynheads.headsets.builtin import CONSTANT
 from dynheads.headsets.names import SPARSE
 from dynheads.models import LoadedModel
@@ -47,7 +47,9 @@ from dynheads.tracing.sparse import Sparsity
 from dynheads.tracing.tracer import TraceConfig, Tracer
 
 POLICIES = ("full", "streaming", "static", "random", "oracle", "predicted")  # the default comparison
-KNOWN = POLICIES + ("query",)  # query: decides inside the step (headsets/in_step.py), calibrated on the detection run
+# decide inside the step (headsets/in_step.py): query calibrated, layerwise's probe fitted on the detection run
+KNOWN = POLICIES + ("query", "layerwise")
+DEPLOYABLE = ("predicted", "query", "layerwise")  # dynamic policies a deployment could run (the oracle cannot)
 BUDGETLESS = tuple(name for name in KNOWN if SPARSE.get(name).name in CONSTANT)  # every head or none: k is moot
 METRICS = ("accuracy", "rouge_l", "kv_read")
 _GRID_KEYS = ("lengths", "depths", "samples_per_cell", "limit")  # which samples of a source, not the source
@@ -64,6 +66,7 @@ class SparseConfig:
     static_ranking: str | None = None  # head_score JSON or run folder overriding the detection run's ranking
     n_boot: int = 2000
     seed: int = 0  # random policy, probe training, bootstrap
+    probe_layer: int | None = None  # layerwise: the probe reads the residual after this layer (None: a quarter deep)
 
     def __post_init__(self):
         for name in self.policies:
@@ -75,6 +78,16 @@ class SparseConfig:
                               "policy); give budgets of at least 1")
         if self.n_boot < 1:
             raise ConfigError(f"--n-boot must be at least 1, got {self.n_boot}")
+        if self.probe_layer is not None and self.probe_layer < 0:
+            raise ConfigError(f"--probe-layer must be a layer index (0 or more), got {self.probe_layer}")
+
+    def layer_of_probe(self, n_layers: int) -> int:
+        """The layer after which `layerwise` reads the residual stream (checked against the model)."""
+        layer = max(n_layers // 4 - 1, 0) if self.probe_layer is None else self.probe_layer
+        if layer >= n_layers - 1:
+            raise ConfigError(f"--probe-layer {layer}: the probe must leave a layer above it (the model has "
+                              f"{n_layers} layers, 0..{n_layers - 1})")
+        return layer
 
 
 def conditions(config: SparseConfig) -> list[tuple[str, str, int | None]]:
@@ -93,16 +106,15 @@ def sparse_sample(tracer: Tracer, encoded: EncodedSample, config: SparseConfig, 
     arrays, results = {}, {}
     for cond, name, k in conditions(config):
         heads = build(SPARSE.get(name), k=k, unit=config.sparsity.unit, ranking=inputs["ranking"],
-                      predictor=inputs.get("predictor"), threshold=inputs.get("thresholds", {}).get(k))
+                      predictor=inputs.get("predictor"), threshold=inputs.get("thresholds", {}).get(k),
+                      layer_probe=inputs.get("layer_probe"))
         policy = apply.decoding_policy(heads, encoded, tracer.lm.layout, inputs["score"], inputs["span"], rng_at)
         trace = tracer.generate(state, heads=policy, sparsity=config.sparsity,
                                 full_pass_first=apply.needs_full_pass(heads), fork=True)
         opened = np.stack(trace.open_heads) if trace.open_heads else np.zeros((0, *inputs["shape"]), bool)
         kv = [config.sparsity.kv_read(o, encoded.prompt_len + t, tracer.lm.layout.group_size)
               for t, o in enumerate(opened)]
-        if heads.decides == IN_LAYER:  # the decision's own read: every KV head's far-page summaries
-            kv = [r + decision_read(encoded.prompt_len + t, QUERY_PAGE, config.sparsity.sink, config.sparsity.recent)
-                  for t, r in enumerate(kv)]
+        kv = [r + decision_cost(name, inputs, config, encoded.prompt_len + t) for t, r in enumerate(kv)]
         response = tracer.lm.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
         scores = metric(response, encoded.sample)
         scores.setdefault("rouge_l", max(rouge_l(response, a) for a in encoded.sample.answers))
@@ -112,6 +124,16 @@ def sparse_sample(tracer: Tracer, encoded: EncodedSample, config: SparseConfig, 
                          "kv_read": float(np.mean(kv)),  # every step that ran, the stop step included
                          "opened": [int(o.sum()) for o in opened]}
     return arrays, {"prompt_tokens": encoded.prompt_len, "conditions": results}
+
+
+def decision_cost(policy: str, inputs: dict[str, Any], config: SparseConfig, n_keys: int) -> float:
+    """What deciding one step reads, as a fraction of the cache of n_keys keys (added to the policy's KV read):
+    `query` its far-page summaries, `predicted` and `layerwise` their probe's weights; the others nothing
+    (static's ranking is a constant; the oracle's dense step is an upper bound's price, shown apart)."""
+    if policy == "query":
+        return decision_read(n_keys, QUERY_PAGE, config.sparsity.sink, config.sparsity.recent)
+    probe = inputs.get({"predicted": "predictor", "layerwise": "layer_probe"}.get(policy, ""))
+    return probe_read(probe, inputs["cache_per_key"] * n_keys) if probe is not None else 0.0
 
 
 def step_generators(seed: int, sample_id: str) -> Callable[[int], np.random.Generator]:
@@ -134,6 +156,8 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
     bad = [k for k in config.budgets if not 1 <= k <= lm.layout.n_layers * units]
     if bad:
         raise ConfigError(f"budget {bad[0]} is outside 1..{lm.layout.n_layers * units} ({config.sparsity.unit} heads)")
+    if "layerwise" in config.policies:
+        config.layer_of_probe(lm.layout.n_layers)  # a probe layer the model has, before anything runs
     detection = RunDir.open(Path(config.detection).expanduser(), what="detection run")
     det_cfg = detection.config
     ids = {e.sample.id for e in samples}
@@ -152,16 +176,20 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
     ranking_entry = {"source": source, "sha256": hashlib.sha256(np.ascontiguousarray(ranking, np.float64)).hexdigest()}
     run = RunDir.create(out, run_config("sparse", lm, config.seed, task=task, trace=trace, sparse=config,
                                         static_ranking=ranking_entry))
-    inputs = {"shape": shape, "ranking": ranking, "score": score, "span": span}
+    inputs = {"shape": shape, "ranking": ranking, "score": score, "span": span,
+              "cache_per_key": 2 * lm.layout.n_layers * lm.layout.n_kv_heads * _head_dim(lm)}  # K and V elements
     if "predicted" in config.policies:
         inputs["predictor"] = _predictor(detection, score, run.path / "predictor.pt", config.seed)
     tracer = Tracer(lm, trace)
     if "query" in config.policies:
         inputs["thresholds"] = calibrate_query(tracer, detection, config, run.path / "query_thresholds.json", quiet)
+    if "layerwise" in config.policies:
+        inputs["layer_probe"] = fit_layer_probe(tracer, detection, config, score, run.path / "layer_probe.pt", quiet)
     run_samples(run, samples, lambda enc: sparse_sample(tracer, enc, config, inputs, metric), len(samples), quiet)
     result = summarise(run.sample_results(), config)
     result.update(static_ranking=source, detection=str(detection.path), sparsity=asdict(config.sparsity),
                   predictor=_predictor_info(run.path / "predictor.pt"),
+                  layer_probe=_predictor_info(run.path / "layer_probe.pt"),
                   query_thresholds={str(k): v for k, v in inputs.get("thresholds", {}).items()} or None)
     run.write_result("sparse", result)
     fig = accuracy_vs_kv_read(result, title=f"{Path(lm.source).name}: head-sparse decoding, {result['n_samples']} "
@@ -178,7 +206,6 @@ def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, pat
     units' far pulls (headsets/in_step.layer_pull); k units per step on average exceed the (1 - k / units)
     quantile of all those pulls, which is the threshold. Saved to `path` (JSON) and reused by a resumed run.
     """
-    from dynheads.tasks.base import encode_stored
     from dynheads.tracing.page_bounds import PageSummaries
 
     if path.exists():
@@ -187,17 +214,13 @@ def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, pat
     units = sparsity.units(layout.n_heads, layout.n_kv_heads)
     group = layout.group_size if sparsity.unit == "kv" else 1
     pulls: list[np.ndarray] = []
-    rows = detection.sample_results()
-    for row in rows:
-        encoded = encode_stored(row, tracer.lm.tokenizer)
+
+    def notes(row: dict):
         summaries = PageSummaries(QUERY_PAGE)
+        return lambda t, layer, seen: pulls.append(layer_pull(seen, layer, summaries).reshape(-1, group).max(-1))
 
-        def note(layer: int, seen) -> np.ndarray:
-            pulls.append(layer_pull(seen, layer, summaries).reshape(-1, group).max(-1))
-            return np.ones(units, bool)  # every head open: the detection prompt decodes as plain generation
-
-        state = tracer.prefill(encoded.input_ids, encoded.token_spans)
-        tracer.generate(state, heads=lambda t, previous, full: note, sparsity=sparsity, fork=False)
+    rows = detection.sample_results()
+    detection_pass(tracer, rows, sparsity, notes)
     values = np.concatenate(pulls) if pulls else np.zeros(0)
     if not len(values):
         raise ConfigError(f"detection run {detection.path}: no decode step to calibrate the query policy on")
@@ -208,6 +231,83 @@ def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, pat
     if not quiet:
         print(f"query policy calibrated on {len(rows)} detection prompts: thresholds {thresholds}")
     return thresholds
+
+
+def fit_layer_probe(tracer: Tracer, detection: RunDir, config: SparseConfig, score, path: Path, quiet: bool = False):
+    """The `layerwise` policy's probe: residual after layer l at step n → the heads above l active at step n.
+
+    The detection prompts are decoded again with every head open (plain generation: the detection run's own
+    tokens, checked) while layer l + 1's attention input is noted at every step; the labels are the detection
+    run's active heads (its registered score) at the same steps. A linear probe (cheap enough to run inside
+    every step; probes.fit_probe with linear=True, offset 0), split by sample, saved to `path` and reused by a
+    resumed run with the same layer.
+    """
+    from dynheads.analyses.probes import Probe, ProbeConfig, fit_probe
+
+    layer = config.layer_of_probe(tracer.lm.layout.n_layers)
+    if path.exists():
+        probe = Probe.load(path)
+        if int(probe.meta.get("layer", -1)) == layer:
+            return probe
+        raise ConfigError(f"{path}: fitted after layer {probe.meta.get('layer')}, not --probe-layer {layer}; "
+                          "use another --out")
+    records = detection.read_records()
+    active = score.active(records.array("score")).astype(np.float32)
+    rows = detection.sample_results()
+    taken: dict[str, list[np.ndarray]] = {}
+
+    def notes(row: dict):
+        seen_steps = taken.setdefault(row["id"], [])
+
+        def note(t: int, at: int, seen) -> None:
+            if at == layer + 1:
+                seen_steps.append(seen.residual[0].float().cpu().numpy())
+        return note
+
+    tokens = detection_pass(tracer, rows, config.sparsity, notes)
+    x, y, ids, steps = [], [], [], []
+    for row in rows:
+        sid = row["id"]
+        mine = records.sample_ids == sid
+        stored = records.array("token_id")[mine]
+        same = int(np.argmin(np.r_[np.asarray(tokens[sid][:len(stored)]) == stored[:len(tokens[sid])], False]))
+        x += taken[sid][:same]
+        y.append(active[mine][:same, layer + 1:])
+        ids += [sid] * same
+        steps.append(records.step[mine][:same])
+    if not x:
+        raise ConfigError(f"detection run {detection.path}: no decode step to fit the layerwise probe on")
+    probe = fit_probe(np.stack(x), np.concatenate(y), np.asarray(ids), np.concatenate(steps),
+                      ProbeConfig(offset=0, active_threshold=0.5, seed=config.seed), np.random.default_rng(config.seed),
+                      linear=True, meta={"detection": str(detection.path), "layer": layer,
+                                         "steps": len(x), "samples": len(rows)})
+    probe.save(path)
+    if not quiet:
+        print(f"layerwise probe fitted after layer {layer} on {len(x)} steps of {len(rows)} detection prompts")
+    return probe
+
+
+def detection_pass(tracer: Tracer, rows: list[dict], sparsity: Sparsity, notes) -> dict[str, list[int]]:
+    """Decode each stored detection sample with every head open (plain generation), calling
+    `notes(row)(t, layer, seen)` at every layer of every step; returns each sample's generated token ids."""
+    from dynheads.tasks.base import encode_stored
+
+    layout = tracer.lm.layout
+    units = sparsity.units(layout.n_heads, layout.n_kv_heads)
+    out = {}
+    for row in rows:
+        encoded = encode_stored(row, tracer.lm.tokenizer)
+        note = notes(row)
+
+        def policy(t, previous, full):
+            def decide(layer: int, seen) -> np.ndarray:
+                note(t, layer, seen)
+                return np.ones(units, bool)  # every head open: the prompt decodes as plain generation
+            return decide
+
+        state = tracer.prefill(encoded.input_ids, encoded.token_spans)
+        out[row["id"]] = list(tracer.generate(state, heads=policy, sparsity=sparsity, fork=False).token_ids)
+    return out
 
 
 def summarise(rows: list[dict], config: SparseConfig) -> dict:
@@ -222,7 +322,7 @@ def summarise(rows: list[dict], config: SparseConfig) -> dict:
              for c, p, k in conditions(config)}
     tests = []
     # predicted − static answers the question; oracle − static is the headroom any dynamic policy has there.
-    for policy in ("predicted", "query", "oracle"):
+    for policy in (*DEPLOYABLE, "oracle"):
         if {policy, "static"} <= set(config.policies):
             for k in config.budgets:
                 for m in ("accuracy", "rouge_l"):
@@ -237,7 +337,7 @@ def gap_closed(conds: dict, config: SparseConfig) -> dict[str, float | None]:
     """Per budget, the fraction of the oracle − static accuracy gap a deployable dynamic policy closes:
     (policy − static) / (oracle − static); None where the oracle is not above static."""
     out: dict[str, float | None] = {}
-    for policy in ("predicted", "query"):
+    for policy in DEPLOYABLE:
         if {policy, "static", "oracle"} <= set(config.policies):
             for k in config.budgets:
                 acc = {p: conds[f"{p}@{k}"]["accuracy"]["estimate"] for p in (policy, "static", "oracle")}
@@ -324,6 +424,13 @@ def _predictor(detection: RunDir, score, path: Path, seed: int):
                       np.random.default_rng(seed), meta={"detection": str(detection.path)})
     probe.save(path)
     return probe
+
+
+def _head_dim(lm: LoadedModel) -> int:
+    """Channels per key (the config's head_dim, else hidden size / query heads)."""
+    cfg = lm.model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
 def _predictor_info(path: Path) -> dict | None:

@@ -69,6 +69,7 @@ class StepHooks:
     hidden_keys: torch.Tensor | None = None  # bool [seq_len]: keys no query of this call may see
     open_heads: list[HeadSplit] | None = None  # head-sparse decoding: per layer, the heads that read all keys
     decide: LayerDecision | None = None  # head-sparse decoding decided per layer inside the step (IN_LAYER sets)
+    residual: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its attention's input row (with decide)
     sparsity: Sparsity | None = None  # what closed heads read (with open_heads)
     captured: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> newest row [heads, S] fp32
     stock: str = "sdpa"  # the model's own attention implementation (set by `tracing()`)
@@ -141,15 +142,31 @@ def tracing(model, hooks: StepHooks) -> Iterator[StepHooks]:
     hooks.stock = check_traceable(model)
     modules = attention_modules(model)
     model.set_attn_implementation(register(hooks.stock))
+    handles = [m.register_forward_pre_hook(_note_residual, with_kwargs=True) for m in modules]
     for m in modules:
         setattr(m, _HOOK_ATTR, hooks)
     try:
         yield hooks
     finally:
+        for handle in handles:
+            handle.remove()
         for m in modules:
             if hasattr(m, _HOOK_ATTR):
                 delattr(m, _HOOK_ATTR)
         model.set_attn_implementation(previous)
+
+
+def _note_residual(module, args, kwargs) -> None:
+    """Forward pre-hook of an attention module: while a head set decides inside the step, keep the newest row
+    of the hidden state the module receives (the residual stream after the layers below, through this layer's
+    input norm) for `LayerInput.residual`."""
+    hooks = getattr(module, _HOOK_ATTR, None)
+    if hooks is None or hooks.decide is None:
+        return None
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if hidden is not None:
+        hooks.residual[int(module.layer_idx)] = hidden[:, -1]
+    return None
 
 
 def check_traceable(model) -> str:
@@ -233,7 +250,8 @@ def _explicit_row(query, key, attention_mask, scale, terms: dict, skip: int = 0)
 def _decide(hooks: StepHooks, layer: int, query, key, attention_mask, scaling) -> HeadSplit:
     """The layer's open units, chosen inside the step by `hooks.decide` from what the layer sees."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    seen = LayerInput(query, key, float(scale), _first_visible(attention_mask, query, key.shape[-2]), hooks.sparsity)
+    seen = LayerInput(query, key, float(scale), _first_visible(attention_mask, query, key.shape[-2]), hooks.sparsity,
+                      hooks.residual.get(layer))
     units = np.asarray(hooks.decide(layer, seen), bool)
     return split_heads(units, hooks.sparsity.unit, query.shape[1], key.shape[1])
 

@@ -116,7 +116,9 @@ class LayerInput:
 
     query [B, H, 1, D] and key [B, Hkv, S, D] (the cache with the new token); `visible_from` is the
     first key the step's mask lets any head see (a sliding window hides the rest); `scale` the
-    attention scaling; `sparsity` what a closed head reads.
+    attention scaling; `sparsity` what a closed head reads; `residual` [B, d] the hidden state this layer's
+    attention receives for the new token (the residual stream after the layers below, through this layer's
+    input norm; None where the model passes none).
     """
 
     query: torch.Tensor
@@ -124,6 +126,7 @@ class LayerInput:
     scale: float
     visible_from: int
     sparsity: Sparsity
+    residual: torch.Tensor | None = None
 
 
 # A decision inside the step: (layer, what it sees) -> bool [units] open for that layer.

@@ -264,6 +264,7 @@ class Tracer:
                      open_heads: tuple[np.ndarray, Sparsity] | None = None) -> StepView:
             seq_len = state.cache.get_seq_length() + 1
             hooks.seq_len, hooks.captured, hooks.record = seq_len, {}, record and open_heads is None
+            hooks.residual = {}
             deciding = open_heads is not None and callable(open_heads[0])
             hooks.decide = open_heads[0] if deciding else None
             hooks.open_heads = None if open_heads is None or deciding else plan_step(

@@ -47,7 +47,7 @@ def _at(heads: HeadSet, t=0, **known):
 
 
 def test_registry_lists_every_head_set_and_rejects_unknown_names():
-    assert head_sets.names() == ["all", "dynamic", "none", "oracle", "predicted", "progressive", "query", "random", "static",
+    assert head_sets.names() == ["all", "dynamic", "layerwise", "none", "oracle", "predicted", "progressive", "query", "random", "static",
                                  "static_excluding_dynamic"]
     with pytest.raises(ConfigError, match="unknown head set 'nope'"):
         build("nope")
@@ -189,7 +189,8 @@ def test_each_commands_names_map_onto_the_registry():
     assert {n: (s.name, s.args) for n, s in ((n, SPARSE.get(n)) for n in SPARSE.names())} == {
         "full": ("all", {}), "streaming": ("none", {}), "static": ("static", {}),
         "random": ("random", {"per_step": True}), "oracle": ("oracle", {}),
-        "predicted": ("predicted", {"source": "previous"}), "query": ("query", {})}
+        "predicted": ("predicted", {"source": "previous"}), "query": ("query", {}),
+        "layerwise": ("layerwise", {})}
     assert {n: (s.name, s.args) for n, s in ((n, RAG.get(n)) for n in RAG.names())} == {
         "dynamic": ("predicted", {"source": "current"}), "static": ("static", {}),
         "dynamic-random": ("random", {"per_step": True}), "fixed-random": ("random", {"per_step": False}),

@@ -70,3 +70,55 @@ def test_layer_pull_is_the_page_bound_per_query_head():
 def test_decision_read_counts_far_pages_against_the_whole_cache():
     assert decision_read(1000, 16, 16, 64) == pytest.approx(((1000 - 64 + 15) // 16 - 1) / 1000)
     assert decision_read(70, 16, 16, 64) == 0.0
+
+
+def _layer_probe(lm, layer: int, seed: int = 0):
+    """A linear probe from layer `layer` + 1's attention input to per-head scores of the layers above `layer`."""
+    from dynheads.analyses.probes import Probe, build_mlp
+
+    d, shape = lm.model.config.hidden_size, (lm.layout.n_layers - layer - 1, lm.layout.n_heads)
+    torch.manual_seed(seed)
+    model = build_mlp(d, (), int(np.prod(shape)), 0.0).eval()
+    arch = {"d_in": d, "sizes": [], "d_out": int(np.prod(shape)), "dropout": 0.0, "activation": "relu"}
+    return Probe(model, np.zeros(d, np.float32), np.ones(d, np.float32), shape, "regress", 0, None, None, arch,
+                 {"layer": layer})
+
+
+def test_layerwise_keeps_static_below_the_probe_layer_and_probes_the_steps_own_residual_above():
+    """Layers <= l: the static top-k there; above l: the top of the probe on layer l + 1's attention input of the
+    same step (captured here by an independent pre-hook), filling the budget to exactly k units per step."""
+    from dynheads.headsets.base import top_k
+
+    lm = make_tiny_lm("llama")
+    probe, k = _layer_probe(lm, 0), 2
+    ranking = np.array([[5.0, 0.0, 0.0, 0.0], [4.0, 3.0, 0.0, 0.0]])  # [layers, query heads]: unit 0 of each layer
+    heads = build(Spec("layerwise"), k=k, unit="kv", layer_probe=probe, ranking=ranking)
+    assert heads.decides == IN_LAYER
+    sample = EncodedSample(Sample("s", "", "", "", {}, PromptFormat(None, "{context}")), _ids(), {}, (0, PROMPT_LEN), "")
+    policy = apply.decoding_policy(heads, sample, lm.layout, get_score("copy_paste"), "needle",
+                                   lambda t: np.random.default_rng(t))
+    seen: list[torch.Tensor] = []
+    attn = [m for m in lm.model.modules() if getattr(m, "layer_idx", None) == 1 and hasattr(m, "q_proj")][0]
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["hidden_states"][0, -1].clone()),
+                                            with_kwargs=True)
+    tracer = Tracer(lm, TraceConfig(max_new_tokens=NEW, record_rows=False))
+    state = tracer.prefill(_ids())
+    seen.clear()
+    traced = tracer.generate(state, heads=policy, sparsity=SPARSITY)
+    handle.remove()
+    opened = np.stack(traced.open_heads)
+    assert (opened.reshape(len(opened), -1).sum(1) == k).all()  # exactly k units at every step
+    assert (opened[:, 0] == [True, False]).all()  # layer 0 <= l: the static set's unit there
+    for step, residual in zip(opened, seen):
+        scores = probe.predict(residual.numpy()).reshape(-1, 2).max(-1)  # per KV unit of layer 1
+        assert (step[1] == top_k(scores, k - 1)).all()
+    assert len({o.tobytes() for o in opened}) > 1  # the probe moves with the step
+    replay = tracer.generate(tracer.prefill(_ids()), heads=lambda t, p, f: traced.open_heads[t], sparsity=SPARSITY)
+    assert replay.token_ids == traced.token_ids
+
+
+def test_layerwise_needs_a_probe_and_a_ranking():
+    from dynheads.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="layer probe"):
+        build(Spec("layerwise"), k=2, unit="kv", ranking=np.zeros((2, 4)))
