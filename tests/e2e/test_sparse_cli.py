@@ -111,8 +111,8 @@ def test_a_resumed_run_whose_detection_ranking_changed_is_refused(runs):
 
 
 def test_the_in_step_policies_decide_inside_the_step_and_pay_for_the_decision(runs):
-    """`query` is calibrated on the detection prompts (thresholds saved), opens a varying number of KV heads per
-    step and layer, and pays for its page summaries in the KV read; `layerwise` fits its probe after layer 2 on
+    """`query` is fitted and calibrated on the detection prompts (scorer and thresholds saved), opens a varying
+    number of KV heads per step and layer, and pays for its page summaries and refined pages in the KV read; `layerwise` fits its probe after layer 2 on
     the detection prompts, opens exactly k units per step (static in layers 0..2) and pays for the probe's
     weights; the oracle − static gap each closes is reported."""
     root, _ = runs
@@ -125,13 +125,16 @@ def test_the_in_step_policies_decide_inside_the_step_and_pay_for_the_decision(ru
     result = json.loads((out / "results" / "sparse.json").read_text())
     saved = json.loads((out / "query_thresholds.json").read_text())
     assert saved["samples"] == 2 and saved["steps"] > 0 and result["query_thresholds"] == saved["thresholds"]
+    scorer = saved["scorer"]  # fitted on the detection prompts: base rate, refined pull, centred pull
+    assert scorer["refine"] == 4 and len(scorer["weights"]) == 3 and np.shape(scorer["prior"]) == (30, 3)
     sample = json.loads((out / "samples" / "niah-400-50-0.json").read_text())
     with np.load(out / "records" / "niah-400-50-0.npz") as z:
         opened = z["query@8__open"]
     assert opened.shape[1:] == (30, 3)
     prompt = sample["prompt_tokens"]
     keys = [(o.sum() * n + (90 - o.sum()) * (SINK + RECENT)) / (90 * n) for o, n in zip(opened, prompt + np.arange(len(opened)))]
-    decision = [((n - RECENT + 15) // 16 - SINK // 16) / n for n in prompt + np.arange(len(opened))]
+    # page summaries of the far keys, then the keys of each query head's 4 best pages (3 query heads per KV head)
+    decision = [((n - RECENT + 15) // 16 - SINK // 16 + 4 * 3 * 16 / 2) / n for n in prompt + np.arange(len(opened))]
     assert sample["conditions"]["query@8"]["kv_read"] == pytest.approx(np.mean(np.add(keys, decision)))
     assert "query@8" in result["gap_closed"] and "layerwise@8" in result["gap_closed"]
     assert "query@8: closes" in proc.stdout or "query@8: no oracle" in proc.stdout

@@ -7,15 +7,21 @@ probe is fitted on the detection run only (runners/sparse.py `fit_layer_probe`);
 read once per step (`probe_read`).
 
 `query` (issue 19): before a closed head attends, Quest's page bounds (tracing/page_bounds.py) bound its
-logits over the far keys (outside its S sinks and W recent keys) from the step's own query; the head is
-opened when that bound beats the log-mass of the near keys it reads anyway by more than a threshold
-(`pull > threshold`). The threshold is the budget: `sparse` calibrates it on the detection run so that
-k units open per step on average (how many open at one step varies), see runners/sparse.py.
+logits over the far keys (outside its S sinks and W recent keys) from the step's own query; the keys of each
+query head's r best-bounded pages are then read, and the largest exact logit among them minus the log-mass
+of the near keys it reads anyway is the unit's *pull*. A logistic score of the pull and the unit's base rate
+(`QueryScorer`, fitted on the detection run) opens the unit when it beats a threshold. The threshold is the
+budget: `sparse` calibrates it on the detection run so that k units open per step on average (how many open
+at one step varies), see runners/sparse.py. Without a scorer the raw bound's pull is thresholded (the first
+design, kept as the measured baseline).
 
 The decision is paid for: every KV head reads its far pages' min and max (2 vectors per page of P keys
-instead of P keys and P values); `decision_read` gives that as a fraction of the cache.
+instead of P keys and P values) and the keys of the refined pages; `decision_read` gives that as a fraction
+of the cache.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,42 +29,89 @@ from dynheads.errors import ConfigError
 from dynheads.headsets.base import IN_LAYER, HeadSet, Step, head_set, top_k
 
 DEFAULT_PAGE = 16  # Quest's page size (tracing/page_bounds.DEFAULT_PAGE; imported lazily: listing needs no torch)
+DEFAULT_REFINE = 4  # pages whose keys the fitted `query` reads per query head (measured on the detection prompts)
+PULL_FLOOR = 50.0  # a unit with no far key scores as if its pull were this far below its mean
+
+
+@dataclass(frozen=True)
+class QueryScorer:
+    """How `query` turns a unit's far pull into a score to threshold: a logistic model fitted on the detection run.
+
+    A unit's pull alone ranks heads by how loose their page bounds are, not by whether they retrieve (measured:
+    within a unit, the bound separates its D_t steps from its others at AUC 0.64); reading the keys of the r
+    pages with the highest bound makes the pull a real far logit (AUC 0.80; 0.84 for the exact one), and the
+    unit's own base rate carries most of what decides D_t. So the score is
+    b + w_prior · prior + w_pull · pull + w_centred · (pull − mean pull of the unit), with the unit's log-odds
+    of being in D_t (`prior`) and its mean pull from the detection prompts, weights fitted there
+    (runners/sparse.py `calibrate_query`). Arrays are [layers, units].
+    """
+
+    prior: np.ndarray
+    mean_pull: np.ndarray
+    weights: tuple[float, float, float]  # prior, pull, pull - mean_pull
+    bias: float
+    refine: int = DEFAULT_REFINE
+    page: int = DEFAULT_PAGE
+
+    def score(self, layer: int, pull: np.ndarray) -> np.ndarray:
+        """float [units]: the opening score of one layer's units from their pulls (-inf pull: floor of the fit)."""
+        pull = np.where(np.isfinite(pull), pull, self.mean_pull[layer] - PULL_FLOOR)
+        w_prior, w_pull, w_centred = self.weights
+        return (self.bias + w_prior * self.prior[layer] + w_pull * pull
+                + w_centred * (pull - self.mean_pull[layer]))
+
+    def to_json(self) -> dict:
+        return {"prior": self.prior.tolist(), "mean_pull": self.mean_pull.tolist(), "weights": list(self.weights),
+                "bias": self.bias, "refine": self.refine, "page": self.page}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QueryScorer":
+        return cls(np.asarray(d["prior"], float), np.asarray(d["mean_pull"], float), tuple(d["weights"]),
+                   float(d["bias"]), int(d["refine"]), int(d["page"]))
 
 
 @head_set("query")
-def query_bounds(threshold: float | None = None, page: int = DEFAULT_PAGE) -> HeadSet:
-    """Units whose far-page bound on the current query beats their near keys by `threshold` (calibrated on the
-    detection run to open k units per step on average; Quest's page bound, used here to choose heads)."""
+def query_bounds(threshold: float | None = None, page: int = DEFAULT_PAGE, query_scorer: QueryScorer | None = None
+                 ) -> HeadSet:
+    """Units whose score from the current query beats `threshold` (calibrated on the detection run to open k units
+    per step on average). Without a scorer the score is the raw Quest page bound's pull; with one (what `sparse`
+    fits) it is the scorer's logistic score of the refined pull and the unit's base rate."""
     from dynheads.tracing.page_bounds import PageSummaries
 
-    summaries = PageSummaries(page)  # one generation: kept as its cache grows
+    summaries = PageSummaries(page if query_scorer is None else query_scorer.page)  # kept as the cache grows
+    refine = 0 if query_scorer is None else query_scorer.refine
 
     def choose(step: Step) -> np.ndarray:
         seen = step.need("layer_input", "the layer's query and keys")
-        pull = layer_pull(seen, step.layer, summaries)
+        pull = step.units(layer_pull(seen, step.layer, summaries, refine)[None])[0]
+        value = pull if query_scorer is None else query_scorer.score(step.layer, pull)
         cut = float("inf") if threshold is None else threshold
-        return step.units(pull[None])[0] > cut
+        return value > cut
 
     return HeadSet("query", choose, IN_LAYER)
 
 
-def layer_pull(seen, layer: int, summaries) -> np.ndarray:
+def layer_pull(seen, layer: int, summaries, refine: int = 0) -> np.ndarray:
     """float [query heads]: each head's far pull at this layer (tracing/page_bounds.far_pull; -inf: no far key)."""
     from dynheads.tracing.page_bounds import far_pull
 
     sparsity = seen.sparsity
     pages = summaries.update(layer, seen.key)
     return far_pull(seen.query, seen.key, pages, sparsity.sink, sparsity.recent, seen.scale,
-                    seen.visible_from)[0].numpy()
+                    seen.visible_from, refine)[0].numpy()
 
 
-def decision_read(n_keys: int, page: int, sink: int, recent: int) -> float:
+def decision_read(n_keys: int, page: int, sink: int, recent: int, refine: int = 0, group: int = 1) -> float:
     """Fraction of the cache read to decide one step: each KV head's far pages, 2 vectors per page against
-    2 per key for the whole cache (the near keys are read anyway, so they cost nothing extra)."""
+    2 per key for the whole cache (the near keys are read anyway, so they cost nothing extra), and with
+    `refine` the keys of each of its `group` query heads' r best pages (keys only: r · P vectors each)."""
     from dynheads.tracing.page_bounds import far_pages
 
     pages = far_pages(n_keys, page, sink, recent)
-    return (pages.stop - pages.start) / n_keys if n_keys else 0.0
+    n_pages = pages.stop - pages.start
+    if not n_keys or not n_pages:
+        return 0.0
+    return (n_pages + min(refine, n_pages) * group * page / 2) / n_keys
 
 
 @head_set("layerwise")

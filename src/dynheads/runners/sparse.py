@@ -33,6 +33,8 @@ from dynheads.errors import ConfigError
 from dynheads.headsets import apply
 from dynheads.headsets.base import IN_LAYER, build
 from dynheads.headsets.in_step import DEFAULT_PAGE as QUERY_PAGE
+from dynheads.headsets.in_step import DEFAULT_REFINE as QUERY_REFINE
+from dynheads.headsets.in_step import PULL_FLOOR, QueryScorer
 from dynheads.headsets.in_step import decision_read, layer_pull, probe_read
 from dynheads.headsets.builtin import CONSTANT
 from dynheads.headsets.names import SPARSE
@@ -107,6 +109,7 @@ def sparse_sample(tracer: Tracer, encoded: EncodedSample, config: SparseConfig, 
     for cond, name, k in conditions(config):
         heads = build(SPARSE.get(name), k=k, unit=config.sparsity.unit, ranking=inputs["ranking"],
                       predictor=inputs.get("predictor"), threshold=inputs.get("thresholds", {}).get(k),
+                      query_scorer=inputs.get("query_scorer"),
                       layer_probe=inputs.get("layer_probe"))
         policy = apply.decoding_policy(heads, encoded, tracer.lm.layout, inputs["score"], inputs["span"], rng_at)
         trace = tracer.generate(state, heads=policy, sparsity=config.sparsity,
@@ -131,7 +134,8 @@ def decision_cost(policy: str, inputs: dict[str, Any], config: SparseConfig, n_k
     `query` its far-page summaries, `predicted` and `layerwise` their probe's weights; the others nothing
     (static's ranking is a constant; the oracle's dense step is an upper bound's price, shown apart)."""
     if policy == "query":
-        return decision_read(n_keys, QUERY_PAGE, config.sparsity.sink, config.sparsity.recent)
+        group = inputs["group"] if config.sparsity.unit == "kv" else 1
+        return decision_read(n_keys, QUERY_PAGE, config.sparsity.sink, config.sparsity.recent, QUERY_REFINE, group)
     probe = inputs.get({"predicted": "predictor", "layerwise": "layer_probe"}.get(policy, ""))
     return probe_read(probe, inputs["cache_per_key"] * n_keys) if probe is not None else 0.0
 
@@ -177,12 +181,14 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
     run = RunDir.create(out, run_config("sparse", lm, config.seed, task=task, trace=trace, sparse=config,
                                         static_ranking=ranking_entry))
     inputs = {"shape": shape, "ranking": ranking, "score": score, "span": span,
-              "cache_per_key": 2 * lm.layout.n_layers * lm.layout.n_kv_heads * _head_dim(lm)}  # K and V elements
+              "cache_per_key": 2 * lm.layout.n_layers * lm.layout.n_kv_heads * _head_dim(lm),  # K and V elements
+              "group": lm.layout.group_size}
     if "predicted" in config.policies:
         inputs["predictor"] = _predictor(detection, score, run.path / "predictor.pt", config.seed)
     tracer = Tracer(lm, trace)
     if "query" in config.policies:
-        inputs["thresholds"] = calibrate_query(tracer, detection, config, run.path / "query_thresholds.json", quiet)
+        inputs["thresholds"], inputs["query_scorer"] = calibrate_query(tracer, detection, config, score,
+                                                                       run.path / "query_thresholds.json", quiet)
     if "layerwise" in config.policies:
         inputs["layer_probe"] = fit_layer_probe(tracer, detection, config, score, run.path / "layer_probe.pt", quiet)
     run_samples(run, samples, lambda enc: sparse_sample(tracer, enc, config, inputs, metric), len(samples), quiet)
@@ -198,39 +204,78 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
     return run, result
 
 
-def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, path: Path, quiet: bool = False
-                    ) -> dict[int, float]:
-    """The `query` policy's threshold per budget k, from the detection run's own prompts (never the evaluated ones).
+def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, score, path: Path, quiet: bool = False
+                    ) -> tuple[dict[int, float], QueryScorer]:
+    """The `query` policy's scorer and its threshold per budget k, from the detection run's own prompts (never the
+    evaluated ones).
 
-    Each detection prompt is decoded with every head open (plain generation) while every layer notes its
-    units' far pulls (headsets/in_step.layer_pull); k units per step on average exceed the (1 - k / units)
-    quantile of all those pulls, which is the threshold. Saved to `path` (JSON) and reused by a resumed run.
+    Each detection prompt is decoded with every head open (plain generation: the detection run's own tokens,
+    checked) while every layer notes its units' far pulls (headsets/in_step.layer_pull, refined by the keys of
+    the best pages); the labels are the detection run's D_t units at the same steps. A logistic regression
+    (scikit-learn) of D_t on the unit's base rate, its pull and its pull's distance from the unit's mean gives
+    the scorer (in_step.QueryScorer); k units per step on average score above the (1 - k / units) quantile of all
+    scores, which is the threshold. Saved to `path` (JSON) and reused by a resumed run.
     """
+    from sklearn.linear_model import LogisticRegression
+
     from dynheads.tracing.page_bounds import PageSummaries
 
     if path.exists():
-        return {int(k): float(v) for k, v in json.loads(path.read_text())["thresholds"].items()}
+        saved = json.loads(path.read_text())
+        return ({int(k): float(v) for k, v in saved["thresholds"].items()}, QueryScorer.from_json(saved["scorer"]))
     layout, sparsity = tracer.lm.layout, config.sparsity
     units = sparsity.units(layout.n_heads, layout.n_kv_heads)
     group = layout.group_size if sparsity.unit == "kv" else 1
-    pulls: list[np.ndarray] = []
+    pulls: dict[str, list[np.ndarray]] = {}  # sample -> per step, float [layers, units]
 
     def notes(row: dict):
-        summaries = PageSummaries(QUERY_PAGE)
-        return lambda t, layer, seen: pulls.append(layer_pull(seen, layer, summaries).reshape(-1, group).max(-1))
+        summaries, steps = PageSummaries(QUERY_PAGE), pulls.setdefault(row["id"], [])
+
+        def note(t: int, layer: int, seen) -> None:
+            while len(steps) <= t:
+                steps.append(np.full((layout.n_layers, units), -np.inf))
+            steps[t][layer] = layer_pull(seen, layer, summaries, QUERY_REFINE).reshape(-1, group).max(-1)
+        return note
 
     rows = detection.sample_results()
-    detection_pass(tracer, rows, sparsity, notes)
-    values = np.concatenate(pulls) if pulls else np.zeros(0)
-    if not len(values):
+    tokens = detection_pass(tracer, rows, sparsity, notes)
+    records = detection.read_records()
+    active = score.active(records.array("score"))
+    x, y = [], []
+    for row in rows:
+        mine, same = _matching_steps(records, row["id"], tokens[row["id"]])
+        x += pulls[row["id"]][:same]
+        y.append(active[mine][:same].reshape(same, layout.n_layers, units, group).any(-1))
+    if not x:
         raise ConfigError(f"detection run {detection.path}: no decode step to calibrate the query policy on")
+    x, y = np.stack(x), np.concatenate(y)
+    finite = np.isfinite(x)
+    mean_pull = np.where(finite, x, 0).sum(0) / np.maximum(finite.sum(0), 1)
+    rate = (y.sum(0) + 0.5) / (len(y) + 1)  # the unit's share of D_t steps, smoothed
+    prior = np.log(rate / (1 - rate))
+    scorer = QueryScorer(prior, mean_pull, (1.0, 0.0, 0.0), 0.0, QUERY_REFINE, QUERY_PAGE)
+    floor = np.where(finite, x, mean_pull - PULL_FLOOR)
+    features = np.stack([np.broadcast_to(prior, x.shape), floor, floor - mean_pull], -1).reshape(-1, 3)
+    if y.any() and not y.all():
+        fit = LogisticRegression(max_iter=1000).fit(features, y.reshape(-1))
+        scorer = replace(scorer, weights=tuple(float(w) for w in fit.coef_[0]), bias=float(fit.intercept_[0]))
+    values = features @ np.asarray(scorer.weights) + scorer.bias  # every unit at every step (QueryScorer.score)
     total = layout.n_layers * units
     thresholds = {k: float(np.quantile(values, 1 - k / total)) for k in config.budgets}
     path.write_text(json.dumps({"thresholds": {str(k): v for k, v in thresholds.items()}, "samples": len(rows),
-                                "steps": len(values) // total, "page": QUERY_PAGE}, indent=2))
+                                "steps": len(x), "scorer": scorer.to_json()}, indent=1))
     if not quiet:
-        print(f"query policy calibrated on {len(rows)} detection prompts: thresholds {thresholds}")
-    return thresholds
+        print(f"query policy fitted on {len(x)} steps of {len(rows)} detection prompts: weights (prior, pull, "
+              f"centred pull) {np.round(scorer.weights, 3).tolist()}, thresholds {thresholds}")
+    return thresholds, scorer
+
+
+def _matching_steps(records, sample_id: str, tokens: list[int]) -> tuple[np.ndarray, int]:
+    """(the sample's rows in `records`, how many of its first steps a re-decode reproduced token for token)."""
+    mine = records.sample_ids == sample_id
+    stored = records.array("token_id")[mine]
+    n = min(len(stored), len(tokens))
+    return mine, int(np.argmin(np.r_[np.asarray(tokens[:n]) == stored[:n], False]))
 
 
 def fit_layer_probe(tracer: Tracer, detection: RunDir, config: SparseConfig, score, path: Path, quiet: bool = False):
@@ -268,9 +313,7 @@ def fit_layer_probe(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
     x, y, ids, steps = [], [], [], []
     for row in rows:
         sid = row["id"]
-        mine = records.sample_ids == sid
-        stored = records.array("token_id")[mine]
-        same = int(np.argmin(np.r_[np.asarray(tokens[sid][:len(stored)]) == stored[:len(tokens[sid])], False]))
+        mine, same = _matching_steps(records, sid, tokens[sid])
         x += taken[sid][:same]
         y.append(active[mine][:same, layer + 1:])
         ids += [sid] * same

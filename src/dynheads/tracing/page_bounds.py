@@ -88,11 +88,15 @@ def far_pages(n_keys: int, page: int, sink: int, recent: int, visible_from: int 
 
 
 def far_pull(query: torch.Tensor, key: torch.Tensor, pages: LayerPages, sink: int, recent: int,
-             scale: float, visible_from: int = 0) -> torch.Tensor:
+             scale: float, visible_from: int = 0, refine: int = 0) -> torch.Tensor:
     """pull [B, H] of each query head (see the module docstring); -inf where a head has no far key.
 
     query [B, H, 1, D]; key [B, Hkv, S, D] (the near keys are read from it: S sink + W recent).
     visible_from: the first key the mask lets this step see (a sliding window hides the rest).
+    refine: 0 uses the bound itself as the far logit; r > 0 reads the keys of each query head's r pages with
+    the highest bound and takes their exact largest far logit (Quest's second stage: the bound picks the
+    pages, the keys decide), a lower bound on the true largest far logit that is tight when the bound ranks
+    the right page first.
     """
     batch, n_heads, _, dim = query.shape
     n_kv, n_keys = key.shape[1], key.shape[2]
@@ -103,7 +107,8 @@ def far_pull(query: torch.Tensor, key: torch.Tensor, pages: LayerPages, sink: in
         return query.new_full((batch, n_heads), float("-inf"), dtype=torch.float32)
     lo, hi = pages.mins[:, :, sel].float(), pages.maxs[:, :, sel].float()  # [B, Hkv, P, D]
     bound = torch.maximum(q[:, :, :, None, :] * lo[:, :, None], q[:, :, :, None, :] * hi[:, :, None]).sum(-1)
-    far_max = bound.amax(-1) * scale  # [B, Hkv, G]
+    far_max = bound.amax(-1) * scale if refine <= 0 else _refined_max(q, key, bound, sel, pages.page, refine, scale,
+                                                                     max(sink, visible_from), n_keys - recent)
     first = max(visible_from, 0)  # a sliding window may hide the sinks
     near_idx = torch.cat([torch.arange(first, max(first, min(sink, n_keys))),
                           torch.arange(max(n_keys - recent, first), n_keys)])
@@ -111,3 +116,17 @@ def far_pull(query: torch.Tensor, key: torch.Tensor, pages: LayerPages, sink: in
     near_logits = torch.einsum("bkgd,bknd->bkgn", q, near) * scale
     return (far_max - torch.logsumexp(near_logits, dim=-1)).reshape(batch, n_heads)
 
+
+
+def _refined_max(q: torch.Tensor, key: torch.Tensor, bound: torch.Tensor, sel: slice, page: int, refine: int,
+                 scale: float, first: int, stop: int) -> torch.Tensor:
+    """[B, Hkv, G]: exact largest logit over the far keys (positions first..stop-1) of each query head's
+    `refine` pages with the highest bound. q [B, Hkv, G, D]; bound [B, Hkv, G, pages of sel]."""
+    batch, n_kv, groups, dim = q.shape
+    top = bound.topk(min(refine, bound.shape[-1]), dim=-1).indices + sel.start  # absolute page index
+    pos = (top[..., None] * page + torch.arange(page)).reshape(batch, n_kv, groups, -1)  # [B, Hkv, G, r·P]
+    valid = (pos >= first) & (pos < stop)
+    rows = key[:, :, None].expand(batch, n_kv, groups, key.shape[2], dim)
+    picked = torch.gather(rows, 3, pos.clamp(0, key.shape[2] - 1)[..., None].expand(-1, -1, -1, -1, dim))
+    logits = torch.einsum("bkgd,bkgpd->bkgp", q, picked.float()) * scale
+    return logits.masked_fill(~valid, float("-inf")).amax(-1)

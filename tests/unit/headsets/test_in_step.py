@@ -122,3 +122,28 @@ def test_layerwise_needs_a_probe_and_a_ranking():
 
     with pytest.raises(ConfigError, match="layer probe"):
         build(Spec("layerwise"), k=2, unit="kv", ranking=np.zeros((2, 4)))
+
+
+def test_decision_read_counts_the_refined_pages_keys():
+    far = (1000 - 64 + 15) // 16 - 1  # far pages at 1000 keys, S = 16, W = 64
+    assert decision_read(1000, 16, 16, 64, refine=4, group=3) == pytest.approx((far + 4 * 3 * 16 / 2) / 1000)
+
+
+def test_a_fitted_query_scorer_combines_the_units_base_rate_with_its_pull():
+    """A prior-only scorer opens the same units at every step (those whose base rate beats the threshold); a
+    pull-only scorer is the refined pull itself; the JSON round trip keeps it."""
+    from dynheads.headsets.in_step import QueryScorer
+
+    lm = make_tiny_lm("llama")
+    prior = np.array([[2.0, -3.0], [-3.0, 1.0]])
+    only_prior = QueryScorer(prior, np.zeros((2, 2)), (1.0, 0.0, 0.0), 0.0, refine=2, page=16)
+    assert QueryScorer.from_json(only_prior.to_json()).to_json() == only_prior.to_json()
+    heads = build(Spec("query", {"threshold": 0.0}), unit="kv", query_scorer=only_prior)
+    sample = EncodedSample(Sample("s", "", "", "", {}, PromptFormat(None, "{context}")), _ids(), {}, (0, PROMPT_LEN), "")
+    policy = apply.decoding_policy(heads, sample, lm.layout, get_score("copy_paste"), "needle",
+                                   lambda t: np.random.default_rng(t))
+    tracer = Tracer(lm, TraceConfig(max_new_tokens=NEW, record_rows=False))
+    traced = tracer.generate(tracer.prefill(_ids()), heads=policy, sparsity=SPARSITY)
+    assert (np.stack(traced.open_heads) == (prior > 0)).all()
+    only_pull = QueryScorer(prior, np.full((2, 2), 0.5), (0.0, 1.0, 0.0), 0.0)
+    assert only_pull.score(1, np.array([0.25, -np.inf])).tolist() == [0.25, 0.5 - 50.0]

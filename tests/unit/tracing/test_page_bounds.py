@@ -61,3 +61,17 @@ def test_summaries_grow_and_crop_like_a_fresh_summary():
         assert got.n_keys == n
         torch.testing.assert_close(got.mins, want.mins, rtol=0, atol=0)
         torch.testing.assert_close(got.maxs, want.maxs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("page,sink,recent,visible_from", [(16, 4, 32, 0), (7, 16, 64, 0), (16, 4, 32, 50)])
+def test_refined_pull_reads_the_best_pages_keys_exactly(page, sink, recent, visible_from):
+    """refine = every far page: the exact far maximum; fewer pages: never above it, and above the one-page value."""
+    for seed in range(3):
+        query, key = _qk(seed)
+        scale, pages = 8 ** -0.5, summarise(key, page)
+        true = _true_far(query, key, sink, recent, scale, visible_from)
+        every = far_pull(query, key, pages, sink, recent, scale, visible_from, refine=10_000)[0]
+        torch.testing.assert_close(every, true, rtol=1e-5, atol=1e-5)
+        two = far_pull(query, key, pages, sink, recent, scale, visible_from, refine=2)[0]
+        one = far_pull(query, key, pages, sink, recent, scale, visible_from, refine=1)[0]
+        assert (two <= true + 1e-5).all() and (two >= one - 1e-6).all()
