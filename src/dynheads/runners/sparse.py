@@ -354,13 +354,17 @@ def detection_pass(tracer: Tracer, rows: list[dict], sparsity: Sparsity, notes) 
 
 
 def summarise(rows: list[dict], config: SparseConfig) -> dict:
-    """Per condition: mean and 95% bootstrap CI of accuracy, ROUGE-L, KV read; predicted (and oracle) − static."""
+    """Per condition: mean and 95% bootstrap CI of accuracy, ROUGE-L, KV read and units open per step; each
+    deployable dynamic policy (and the oracle) − static."""
 
     def rng(key: str) -> np.random.Generator:  # one generator per interval and test: adding one moves no other
         return sample_rng(config.seed, f"sparse-stats/{key}")
 
     per = {c: {m: np.array([r["conditions"][c][m] for r in rows], float) for m in METRICS + ("f1",)
                if m in rows[0]["conditions"][c]} for c, _, _ in conditions(config)}
+    for c, _, _ in conditions(config):  # the real budget: units open per step, averaged within each sample
+        if all("opened" in r["conditions"][c] for r in rows):
+            per[c]["open_units"] = np.array([np.mean(r["conditions"][c]["opened"] or [0]) for r in rows], float)
     conds = {c: {"policy": p, "budget": k, **{m: asdict(bootstrap_ci(v, rng(f"{c}/{m}"), config.n_boot)) for m, v in per[c].items()}}
              for c, p, k in conditions(config)}
     tests = []
