@@ -147,3 +147,17 @@ def test_a_fitted_query_scorer_combines_the_units_base_rate_with_its_pull():
     assert (np.stack(traced.open_heads) == (prior > 0)).all()
     only_pull = QueryScorer(prior, np.full((2, 2), 0.5), (0.0, 1.0, 0.0), 0.0)
     assert only_pull.score(1, np.array([0.25, -np.inf])).tolist() == [0.25, 0.5 - 50.0]
+
+
+def test_layerwise_with_every_unit_in_the_budget_is_plain_generation():
+    lm = make_tiny_lm("llama")
+    heads = build(Spec("layerwise"), k=4, unit="kv", layer_probe=_layer_probe(lm, 0), ranking=np.ones((2, 4)))
+    sample = EncodedSample(Sample("s", "", "", "", {}, PromptFormat(None, "{context}")), _ids(), {}, (0, PROMPT_LEN), "")
+    policy = apply.decoding_policy(heads, sample, lm.layout, get_score("copy_paste"), "needle",
+                                   lambda t: np.random.default_rng(t))
+    tracer = Tracer(lm, TraceConfig(max_new_tokens=NEW, record_rows=False))
+    traced = tracer.generate(tracer.prefill(_ids()), heads=policy, sparsity=SPARSITY)
+    plain = Tracer(lm, TraceConfig(max_new_tokens=NEW))
+    expected = plain.generate(plain.prefill(_ids()))
+    assert np.all(traced.open_heads) and traced.token_ids == expected.token_ids
+    assert [s.logprob for s in traced.steps] == [s.logprob for s in expected.steps]
