@@ -1,18 +1,22 @@
-"""Head-sparse decoding at equal budget: does opening the *predicted* heads beat a static set?
+"""Head-sparse decoding at equal budget: does a dynamic head set beat a static one?
 
 Every sample is prefilled once; each policy × budget forks that prefill (tracer `heads=`), so the
 prompt is never re-run. A policy is a head set (headsets/: `--policies` names in names.py, the tracer
 callback in apply.py) counting `--unit` heads; its random generator at step t is seeded from (seed,
-sample id, t). Per condition: the answer metrics, and the KV read per step as a fraction of
-the full cache (closed units still read their S + W keys; sparse.py `Sparsity.kv_read`). Summary:
-bootstrap 95% intervals over samples, paired tests of `predicted` against `static` at each budget,
-and a figure of accuracy against KV read fraction.
+sample id, t). Per condition: the answer metrics, the units open at every step, and the KV read per step
+as a fraction of the full cache (closed units still read their S + W keys; sparse.py `Sparsity.kv_read`)
+plus what deciding costs (`decision_cost`: page summaries and refined pages for `query`, the probe's
+weights for `predicted` and `layerwise`). Summary: bootstrap 95% intervals over samples, paired tests of
+each deployable dynamic policy (and the oracle, an upper bound) against `static` at each budget, the share
+of the oracle − static gap each closes, and a figure of accuracy against KV read.
 
-The detection run (a traced run folder of *other* samples, with hidden states) gives the static
-ranking (its head score's activation frequency, as `dynheads ablate --static-ranking`) and the
-training data of the `predicted` policy's probe: hidden state at step n → active heads at n + 1
-(probes.fit_probe, offset 1, activity by the run's registered score), saved as <out>/predictor.pt so a resumed
-run reuses it. A detection run that shares a sample with the evaluated ones is refused.
+The detection run (a traced run folder of *other* samples, with hidden states) gives everything a policy
+learns: the static ranking (its head score's activation frequency, as `dynheads ablate --static-ranking`),
+the `predicted` policy's probe (hidden state at step n → active heads at n + 1; probes.fit_probe, offset 1,
+activity by the run's registered score; <out>/predictor.pt), and, from its prompts decoded again with
+every head open, the `query` policy's scorer and thresholds (<out>/query_thresholds.json) and the
+`layerwise` probe (<out>/layer_probe.pt); a resumed run reuses all of them. A detection run that shares a
+sample with the evaluated ones is refused.
 """
 from __future__ import annotations
 
