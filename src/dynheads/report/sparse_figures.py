@@ -53,5 +53,6 @@ def sparse_table(result: dict) -> str:
     for cond, frac in (result.get("gap_closed") or {}).items():
         lines.append(f"{cond}: closes {frac:+.2f} of the oracle − static accuracy gap" if frac is not None
                      else f"{cond}: no oracle − static gap to close at this budget")
-    lines.append(f"verdict: {result['verdict']}")
+    verdicts = result.get("verdicts") or {"predicted": result["verdict"]}
+    lines += [f"verdict: {text}" for text in verdicts.values()] or [f"verdict: {result['verdict']}"]
     return "\n".join(lines)

@@ -381,7 +381,9 @@ def summarise(rows: list[dict], config: SparseConfig) -> dict:
                                              rng(f"{policy}@{k}-static@{k}/{m}"), config.n_boot)
                     tests.append({"a": f"{policy}@{k}", "b": f"static@{k}", "budget": k, "metric": m, **asdict(diff)})
     return {"n_samples": len(rows), "conditions": conds, "comparisons": tests, "gap_closed": gap_closed(conds, config),
-            "verdict": verdict([t for t in tests if t["a"].startswith("predicted@")])}
+            "verdict": verdict([t for t in tests if t["a"].startswith("predicted@")]),
+            "verdicts": {p: verdict([t for t in tests if t["a"].startswith(f"{p}@")], p)
+                         for p in DEPLOYABLE if {p, "static"} <= set(config.policies)}}
 
 
 def gap_closed(conds: dict, config: SparseConfig) -> dict[str, float | None]:
@@ -397,8 +399,8 @@ def gap_closed(conds: dict, config: SparseConfig) -> dict[str, float | None]:
     return out
 
 
-def verdict(tests: list[dict]) -> str:
-    """The answer to 'does predicted beat static at equal budget, and from which budget on' (accuracy).
+def verdict(tests: list[dict], policy: str = "predicted") -> str:
+    """The answer to 'does `policy` beat static at equal budget, and from which budget on' (accuracy).
 
     A budget is a win (a loss) when the paired accuracy difference is shown above (below) zero by the
     rule every paired verdict uses (`stats.paired_verdict`: 95% bootstrap interval, Wilcoxon p < 0.05,
@@ -406,7 +408,7 @@ def verdict(tests: list[dict]) -> str:
     """
     acc = sorted((t for t in tests if t["metric"] == "accuracy"), key=lambda t: t["budget"])
     if not acc:
-        return "predicted vs static not compared (both policies are needed)"
+        return f"{policy} vs static not compared (both policies are needed)"
     calls = [paired_verdict(t) for t in acc]
     if not all(c.comparable for c in calls):
         return f"not comparable: {next(c for c in calls if not c.comparable).too_few('samples')}"
@@ -415,11 +417,11 @@ def verdict(tests: list[dict]) -> str:
     wins = [t["budget"] for t, c in zip(acc, calls) if c.outcome == ABOVE]
     losses = [t["budget"] for t, c in zip(acc, calls) if c.outcome == BELOW]
     if not wins:
-        return (f"predicted does not beat static at any budget (needs {rule})"
+        return (f"{policy} does not beat static at any budget (needs {rule})"
                 + (f"; static is better at k = {losses}" if losses else ""))
     from_k = next((t["budget"] for i, t in enumerate(acc) if all(c.outcome == ABOVE for c in calls[i:])), None)
     tail = f", at every budget from k = {from_k} on" if from_k is not None else ""
-    return f"predicted beats static at k = {wins} ({rule}){tail}"
+    return f"{policy} beats static at k = {wins} ({rule}){tail}"
 
 
 # --- internals -----------------------------------------------------------------------------

@@ -46,6 +46,20 @@ def test_summary_adds_oracle_headroom_after_the_predicted_rows():
     assert with_oracle["verdict"] == without["verdict"]
 
 
+def test_each_in_step_policy_gets_its_verdict_its_gap_closed_and_its_real_budget():
+    """query and layerwise are compared with static like predicted; `open_units` is each sample's mean count."""
+    n = 12
+    acc = {"static@8": [0] * n, "oracle@8": [1] * n, "query@8": [1] * 11 + [0], "layerwise@8": [0] * n}
+    rows = [{"conditions": {c: {"accuracy": float(v[i]), "rouge_l": 0.0, "kv_read": 0.2,
+                                "opened": [8, 8] if c != "query@8" else [4, 10, 7]} for c, v in acc.items()}}
+            for i in range(n)]
+    result = summarise(rows, SparseConfig("det", ("static", "oracle", "query", "layerwise"), (8,), n_boot=200))
+    assert result["verdicts"]["query"].startswith("query beats static at k = [8]")
+    assert result["verdicts"]["layerwise"].startswith("layerwise does not beat static")
+    assert result["gap_closed"] == {"query@8": pytest.approx(11 / 12), "layerwise@8": 0.0}
+    assert result["conditions"]["query@8"]["open_units"]["estimate"] == pytest.approx(7.0)
+
+
 def _row(k, lo, hi, p=0.01, n=30):
     return {"metric": "accuracy", "budget": k, "low": lo, "high": hi, "p_value": p, "n": n,
             "mean_difference": (lo + hi) / 2}
