@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48, min=1),
         probe_layer: Optional[int] = typer.Option(None, min=0, help="layerwise: the probe reads the residual "
                                                   "stream after this layer (default: a quarter of the layers deep)"),
+        query_refine: int = typer.Option(4, min=0, help="query: pages (of 16 keys) whose keys each query head "
+                                         "reads to refine its pull; 0: Quest's page bound alone (cheapest)"),
         n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),
         prompt_style: str = PROMPT_STYLE,
@@ -73,7 +75,8 @@ def register(app: typer.Typer) -> None:
         from dynheads.tracing.sparse import Sparsity
 
         config = SparseConfig(str(detection), parse_list(policies, "policies", str), budget_values,
-                              Sparsity(sink, recent, unit), static_ranking, n_boot, seed, probe_layer)
+                              Sparsity(sink, recent, unit), static_ranking, n_boot, seed, probe_layer,
+                              query_refine)
         from dynheads.models import load_model
         from dynheads.report.sparse_figures import sparse_table
         from dynheads.runners.sparse import run_sparse

@@ -73,6 +73,7 @@ class SparseConfig:
     n_boot: int = 2000
     seed: int = 0  # random policy, probe training, bootstrap
     probe_layer: int | None = None  # layerwise: the probe reads the residual after this layer (None: a quarter deep)
+    query_refine: int = QUERY_REFINE  # query: pages whose keys each query head reads to refine its pull (0: bound)
 
     def __post_init__(self):
         for name in self.policies:
@@ -84,6 +85,8 @@ class SparseConfig:
                               "policy); give budgets of at least 1")
         if self.n_boot < 1:
             raise ConfigError(f"--n-boot must be at least 1, got {self.n_boot}")
+        if self.query_refine < 0:
+            raise ConfigError(f"--query-refine must be 0 or more pages, got {self.query_refine}")
         if self.probe_layer is not None and self.probe_layer < 0:
             raise ConfigError(f"--probe-layer must be a layer index (0 or more), got {self.probe_layer}")
 
@@ -139,7 +142,7 @@ def decision_cost(policy: str, inputs: dict[str, Any], config: SparseConfig, n_k
     (static's ranking is a constant; the oracle's dense step is an upper bound's price, shown apart)."""
     if policy == "query":
         group = inputs["group"] if config.sparsity.unit == "kv" else 1
-        return decision_read(n_keys, QUERY_PAGE, config.sparsity.sink, config.sparsity.recent, QUERY_REFINE, group)
+        return decision_read(n_keys, QUERY_PAGE, config.sparsity.sink, config.sparsity.recent, config.query_refine, group)
     probe = inputs.get({"predicted": "predictor", "layerwise": "layer_probe"}.get(policy, ""))
     return probe_read(probe, inputs["cache_per_key"] * n_keys) if probe is not None else 0.0
 
@@ -226,6 +229,9 @@ def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
 
     if path.exists():
         saved = json.loads(path.read_text())
+        if saved["scorer"]["refine"] != config.query_refine:
+            raise ConfigError(f"{path}: fitted with --query-refine {saved['scorer']['refine']}, not "
+                              f"{config.query_refine}; use another --out")
         return ({int(k): float(v) for k, v in saved["thresholds"].items()}, QueryScorer.from_json(saved["scorer"]))
     layout, sparsity = tracer.lm.layout, config.sparsity
     units = sparsity.units(layout.n_heads, layout.n_kv_heads)
@@ -238,7 +244,7 @@ def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
         def note(t: int, layer: int, seen) -> None:
             while len(steps) <= t:
                 steps.append(np.full((layout.n_layers, units), -np.inf))
-            steps[t][layer] = layer_pull(seen, layer, summaries, QUERY_REFINE).reshape(-1, group).max(-1)
+            steps[t][layer] = layer_pull(seen, layer, summaries, config.query_refine).reshape(-1, group).max(-1)
         return note
 
     rows = detection.sample_results()
@@ -257,7 +263,7 @@ def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
     mean_pull = np.where(finite, x, 0).sum(0) / np.maximum(finite.sum(0), 1)
     rate = (y.sum(0) + 0.5) / (len(y) + 1)  # the unit's share of D_t steps, smoothed
     prior = np.log(rate / (1 - rate))
-    scorer = QueryScorer(prior, mean_pull, (1.0, 0.0, 0.0), 0.0, QUERY_REFINE, QUERY_PAGE)
+    scorer = QueryScorer(prior, mean_pull, (1.0, 0.0, 0.0), 0.0, config.query_refine, QUERY_PAGE)
     floor = np.where(finite, x, mean_pull - PULL_FLOOR)
     features = np.stack([np.broadcast_to(prior, x.shape), floor, floor - mean_pull], -1).reshape(-1, 3)
     if y.any() and not y.all():
