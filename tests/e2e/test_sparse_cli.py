@@ -140,7 +140,7 @@ def test_the_in_step_policies_decide_inside_the_step_and_pay_for_the_decision(ru
     assert "query@8: closes" in proc.stdout or "query@8: no oracle" in proc.stdout
     probe = Probe.load(out / "layer_probe.pt")
     assert probe.meta["layer"] == 2 and probe.shape == (27, 9) and probe.arch["sizes"] == []  # linear, layers 3..29
-    assert probe.task == "regress"  # P(active) on one scale for every head
+    assert probe.task == "regress" and probe.meta["fit"] == "ridge"  # P(active) on one scale for every head
     assert result["layer_probe"]["layer"] == 2 and result["layer_probe"]["samples"] == 2
     with np.load(out / "records" / "niah-400-50-0.npz") as z:
         opened, static = z["layerwise@8__open"], z["static@8__open"]

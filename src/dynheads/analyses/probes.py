@@ -30,6 +30,9 @@ _ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "tanh": torch.nn.T
 PROBE_FORMAT = "dynheads-probe/1"  # the JSON beside a saved probe's state dict
 
 
+RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0)  # fit_ridge_probe's penalties to choose from
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
     """Probe settings; App. A.5 values unless the comment says otherwise."""
@@ -160,6 +163,39 @@ def fit_probe(hidden: np.ndarray, scores: np.ndarray, sample_ids: np.ndarray, st
         info = {**(meta or {}), **log, "n_train_pairs": int(tr.sum()), "n_val_pairs": int(va.sum())}
         return Probe(model.eval(), mean, scale, tuple(np.shape(scores)[1:]), "regress" if config.regress else "classify",
                      config.offset, None if config.regress else config.active_threshold, decision, arch, info)
+
+
+def fit_ridge_probe(x: np.ndarray, y: np.ndarray, sample_ids: np.ndarray, rng: np.random.Generator,
+                    alphas: tuple[float, ...] = RIDGE_ALPHAS, meta: dict[str, Any] | None = None) -> Probe:
+    """A linear probe x [N, d] → y [N, L, H] fitted in closed form (scikit-learn's Ridge, multi-output).
+
+    Inputs are z-scored; the ridge penalty is chosen among `alphas` by mean squared error on a fifth of the
+    samples held out (split by sample, never by step), then refitted on all rows. Unlike a gradient-trained
+    probe stopped early, every output's intercept is its mean target exactly and weights only move it where
+    the data support it, so outputs are comparable across heads (a probability, for 0/1 targets).
+    """
+    from sklearn.linear_model import Ridge
+
+    sample_ids = np.asarray(sample_ids).astype(str)
+    if np.unique(sample_ids).size < 2:
+        raise DataError("a ridge probe needs at least 2 samples (one is held out to choose the penalty)")
+    x = np.asarray(x, np.float64)
+    target = np.asarray(y, np.float64).reshape(len(y), -1)
+    tr, va = split_by_sample(sample_ids, (0.8, 0.2), rng)
+    mean, scale = standardizer(x[tr].astype(np.float32), True, x.shape[1])
+    z = (x - mean) / scale
+    errors = {a: float(((Ridge(alpha=a).fit(z[tr], target[tr]).predict(z[va]) - target[va]) ** 2).mean())
+              for a in alphas}
+    alpha = min(errors, key=lambda a: (errors[a], -a))  # ties: the stronger penalty
+    mean, scale = standardizer(x.astype(np.float32), True, x.shape[1])
+    fit = Ridge(alpha=alpha).fit((x - mean) / scale, target)
+    model = build_mlp(x.shape[1], (), target.shape[1], 0.0)
+    with torch.no_grad():
+        model[-1].weight.copy_(torch.from_numpy(np.asarray(fit.coef_, np.float32)))
+        model[-1].bias.copy_(torch.from_numpy(np.asarray(fit.intercept_, np.float32)))
+    arch = {"d_in": x.shape[1], "sizes": [], "d_out": target.shape[1], "dropout": 0.0, "activation": "relu"}
+    info = {**(meta or {}), "fit": "ridge", "alpha": alpha, "validation_mse": errors, "n_rows": len(x)}
+    return Probe(model.eval(), mean, scale, tuple(np.shape(y)[1:]), "regress", 0, None, None, arch, info)
 
 
 def train_probe(x: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, sizes: tuple[int, ...],

@@ -294,22 +294,24 @@ def fit_layer_probe(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
     The detection prompts are decoded again with every head open (plain generation: the detection run's own
     tokens, checked) while layer l + 1's attention input is noted at every step; the labels are the detection
     run's active heads (its registered score) at the same steps, as 0/1. A linear probe (cheap enough to run
-    inside every step; probes.fit_probe with linear=True, offset 0) regresses them with MSE, a linear
-    probability model: its outputs estimate P(active) on one scale for every head, so the top k across heads
-    respects how often each head retrieves. (The classification probe's Asymmetric Loss, which down-weights
-    easy negatives per head, ranked heads across layers almost at random: 0.00 accuracy at k = 8 and 16 on
-    1K single needles where static answers 0.03 and 0.47; README.) Split by sample, saved to `path` and reused
+    inside every step) regresses them in closed form (probes.fit_ridge_probe: ridge, penalty chosen on held-out
+    samples), a linear probability model whose outputs estimate P(active) on one scale for every head, so the
+    top k across heads respects how often each head retrieves. (Gradient-trained linear probes stopped early —
+    ASL classification, or MSE — kept outputs near their random initialisation, which ranked heads across
+    layers almost at random: 0.00 accuracy at k = 8 and 16 on 1K single needles where static answers 0.03 and
+    0.47; README.) Split by sample, saved to `path` and reused
     by a resumed run with the same layer.
     """
-    from dynheads.analyses.probes import Probe, ProbeConfig, fit_probe
+    from dynheads.analyses.probes import Probe, fit_ridge_probe
 
     layer = config.layer_of_probe(tracer.lm.layout.n_layers)
     if path.exists():
         probe = Probe.load(path)
-        if int(probe.meta.get("layer", -1)) == layer and probe.task == "regress":
+        if int(probe.meta.get("layer", -1)) == layer and probe.meta.get("fit") == "ridge":
             return probe
-        raise ConfigError(f"{path}: a {probe.task} probe fitted after layer {probe.meta.get('layer')}, not the "
-                          f"regression after --probe-layer {layer}; use another --out")
+        raise ConfigError(f"{path}: a probe fitted after layer {probe.meta.get('layer')} by "
+                          f"{probe.meta.get('fit', 'gradient descent')}, not the ridge probe after --probe-layer "
+                          f"{layer}; use another --out")
     records = detection.read_records()
     active = score.active(records.array("score")).astype(np.float32)
     rows = detection.sample_results()
@@ -324,20 +326,18 @@ def fit_layer_probe(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
         return note
 
     tokens = detection_pass(tracer, rows, config.sparsity, notes)
-    x, y, ids, steps = [], [], [], []
+    x, y, ids = [], [], []
     for row in rows:
         sid = row["id"]
         mine, same = _matching_steps(records, sid, tokens[sid])
         x += taken[sid][:same]
         y.append(active[mine][:same, layer + 1:])
         ids += [sid] * same
-        steps.append(records.step[mine][:same])
     if not x:
         raise ConfigError(f"detection run {detection.path}: no decode step to fit the layerwise probe on")
-    probe = fit_probe(np.stack(x), np.concatenate(y), np.asarray(ids), np.concatenate(steps),
-                      ProbeConfig(offset=0, regress=True, seed=config.seed), np.random.default_rng(config.seed),
-                      linear=True, meta={"detection": str(detection.path), "layer": layer,
-                                         "steps": len(x), "samples": len(rows)})
+    probe = fit_ridge_probe(np.stack(x), np.concatenate(y), np.asarray(ids), np.random.default_rng(config.seed),
+                            meta={"detection": str(detection.path), "layer": layer, "steps": len(x),
+                                  "samples": len(rows)})
     probe.save(path)
     if not quiet:
         print(f"layerwise probe fitted after layer {layer} on {len(x)} steps of {len(rows)} detection prompts")

@@ -1,5 +1,7 @@
 """MLP probe and its baselines on synthetic runs with planted relations, plus the run edge and bad input."""
 import json
+import tempfile
+from pathlib import Path
 from dataclasses import replace
 import math
 
@@ -232,3 +234,25 @@ def test_fit_probe_predicts_saves_and_loads_at_an_offset(tmp_path):
         Probe.load(tmp_path / "bad.pt")
     with pytest.raises(DataError, match="at least 2 samples"):
         fit_probe(hidden[:T], scores[:T], ids[:T], steps[:T], cfg)
+
+
+def test_ridge_probe_outputs_each_heads_base_rate_and_follows_the_signal():
+    """Closed form: with uninformative inputs every output is its head's mean target (the base rate), so the
+    top k across heads is the k most often active; an informative input moves its head's output."""
+    from dynheads.analyses.probes import fit_ridge_probe
+
+    rng = np.random.default_rng(0)
+    n, d = 400, 16
+    x = rng.normal(size=(n, d))
+    rates = np.array([0.02, 0.3, 0.1, 0.6])
+    y = (rng.random((n, 1, 4)) < rates[None, None]).astype(np.float32)
+    y[:, 0, 0] = (x[:, 0] > 1.5)  # head 0 follows input 0
+    ids = np.repeat(np.arange(20), n // 20)
+    probe = fit_ridge_probe(x, y, ids, np.random.default_rng(1))
+    assert probe.shape == (1, 4) and probe.task == "regress" and probe.meta["fit"] == "ridge"
+    mean_out = probe.predict(x).mean(0)[0]
+    np.testing.assert_allclose(mean_out, y.mean(0)[0], atol=1e-4)  # intercepts: the base rates
+    high, low = probe.predict(np.eye(d)[0] * 3), probe.predict(-np.eye(d)[0] * 3)
+    assert high[0, 0] > low[0, 0] + 0.1
+    saved = probe.save(Path(tempfile.mkdtemp()) / "p.pt")
+    np.testing.assert_allclose(type(probe).load(saved).predict(x), probe.predict(x), rtol=1e-5, atol=1e-6)
