@@ -61,7 +61,9 @@ def main() -> None:
         enc = niah_prompt(lm, length)
         fns = conditions(lm, tracer, enc, args.new_tokens, pad_id)
         answers = [_answer(fns[c]() if c != "traced" else fns[c]().token_ids, stops) for c in CONDITIONS]
-        same = answers[0] == answers[1] == answers[2]  # up to the first end of turn (generate suppresses it)
+        # up to the first end of turn (generate suppresses it); which side differs, when one does
+        same = ("yes" if answers[0] == answers[1] == answers[2] else "traced differs" if answers[0] == answers[1]
+                else "plain≠static" if answers[0] == answers[2] else "all differ")
         t = median_times(fns, args.repeats)
         mem = {c: peak_growth_in_child(__file__, c, str(length), "--model", args.model, "--new-tokens",
                                        str(args.new_tokens), "--threads", str(args.threads)) for c in CONDITIONS}
