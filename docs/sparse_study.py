@@ -100,12 +100,14 @@ def main(out: Path, panels: list[str]) -> None:
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), layout="constrained", squeeze=False)
     for i, (ax, (head, result, _)) in enumerate(zip(axes.flat, results)):
         accuracy_vs_kv_read(result, title=head, ax=ax)
-        if i:
-            ax.get_legend().remove()
-        else:  # the empty corner: low accuracy at a large read
-            ax.legend(fontsize=7, loc="lower right")
-    for ax in list(axes.flat)[len(results):]:
-        ax.set_visible(False)
+        handles, labels = ax.get_legend_handles_labels() if i == 0 else (handles, labels)
+        ax.get_legend().remove()
+    spare = list(axes.flat)[len(results):]
+    for ax in spare:
+        ax.axis("off")
+    # the legend in a spare panel, else in the first panel's empty corner (low accuracy, large read)
+    (spare[0] if spare else axes.flat[0]).legend(handles, labels, fontsize=8 if spare else 7,
+                                                 loc="center" if spare else "lower right")
     fig.savefig(out, dpi=110)
     print(f"\nfigure: {out}")
 
