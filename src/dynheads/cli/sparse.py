@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from dynheads.cli.trace import PROMPT_STYLE, parse_ints, parse_list
+from dynheads.headsets.in_step import DEFAULT_REFINE
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +40,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(48, min=1),
         probe_layer: Optional[int] = typer.Option(None, min=0, help="layerwise: the probe reads the residual "
                                                   "stream after this layer (default: a quarter of the layers deep)"),
-        query_refine: int = typer.Option(4, min=0, help="query: pages (of 16 keys) whose keys each query head "
+        query_refine: int = typer.Option(DEFAULT_REFINE, min=0, help="query: pages (of 16 keys) whose keys each query head "
                                          "reads to refine its pull; 0: Quest's page bound alone (cheapest)"),
         n_boot: int = typer.Option(2000, min=1, help="bootstrap resamples over samples"),
         seed: int = typer.Option(0),

@@ -53,12 +53,16 @@ class QueryScorer:
     refine: int = DEFAULT_REFINE
     page: int = DEFAULT_PAGE
 
-    def score(self, layer: int, pull: np.ndarray) -> np.ndarray:
-        """float [units]: the opening score of one layer's units from their pulls (-inf pull: floor of the fit)."""
-        pull = np.where(np.isfinite(pull), pull, self.mean_pull[layer] - PULL_FLOOR)
-        w_prior, w_pull, w_centred = self.weights
-        return (self.bias + w_prior * self.prior[layer] + w_pull * pull
-                + w_centred * (pull - self.mean_pull[layer]))
+    def features(self, pull: np.ndarray, layer: int | None = None) -> np.ndarray:
+        """float [..., units, 3]: (prior, pull, pull − mean pull) of one layer's units (`layer`) or of every
+        layer (pull [..., layers, units]); a -inf pull (no far key) sits PULL_FLOOR below the unit's mean."""
+        prior, mean = (self.prior, self.mean_pull) if layer is None else (self.prior[layer], self.mean_pull[layer])
+        pull = np.where(np.isfinite(pull), pull, mean - PULL_FLOOR)
+        return np.stack([np.broadcast_to(prior, pull.shape), pull, pull - mean], -1)
+
+    def score(self, pull: np.ndarray, layer: int | None = None) -> np.ndarray:
+        """The opening score of the units whose pulls are given (shapes as `features`)."""
+        return self.features(pull, layer) @ np.asarray(self.weights) + self.bias
 
     def to_json(self) -> dict:
         return {"prior": self.prior.tolist(), "mean_pull": self.mean_pull.tolist(), "weights": list(self.weights),
@@ -84,7 +88,7 @@ def query_bounds(threshold: float | None = None, page: int = DEFAULT_PAGE, query
     def choose(step: Step) -> np.ndarray:
         seen = step.need("layer_input", "the layer's query and keys")
         pull = step.units(layer_pull(seen, step.layer, summaries, refine)[None])[0]
-        value = pull if query_scorer is None else query_scorer.score(step.layer, pull)
+        value = pull if query_scorer is None else query_scorer.score(pull, step.layer)
         cut = float("inf") if threshold is None else threshold
         return value > cut
 

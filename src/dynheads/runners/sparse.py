@@ -38,7 +38,7 @@ from dynheads.headsets import apply
 from dynheads.headsets.base import IN_LAYER, build
 from dynheads.headsets.in_step import DEFAULT_PAGE as QUERY_PAGE
 from dynheads.headsets.in_step import DEFAULT_REFINE as QUERY_REFINE
-from dynheads.headsets.in_step import PULL_FLOOR, QueryScorer
+from dynheads.headsets.in_step import QueryScorer
 from dynheads.headsets.in_step import decision_read, layer_pull, probe_read
 from dynheads.headsets.builtin import CONSTANT
 from dynheads.headsets.names import SPARSE
@@ -264,12 +264,10 @@ def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
     rate = (y.sum(0) + 0.5) / (len(y) + 1)  # the unit's share of D_t steps, smoothed
     prior = np.log(rate / (1 - rate))
     scorer = QueryScorer(prior, mean_pull, (1.0, 0.0, 0.0), 0.0, config.query_refine, QUERY_PAGE)
-    floor = np.where(finite, x, mean_pull - PULL_FLOOR)
-    features = np.stack([np.broadcast_to(prior, x.shape), floor, floor - mean_pull], -1).reshape(-1, 3)
     if y.any() and not y.all():
-        fit = LogisticRegression(max_iter=1000).fit(features, y.reshape(-1))
+        fit = LogisticRegression(max_iter=1000).fit(scorer.features(x).reshape(-1, 3), y.reshape(-1))
         scorer = replace(scorer, weights=tuple(float(w) for w in fit.coef_[0]), bias=float(fit.intercept_[0]))
-    values = features @ np.asarray(scorer.weights) + scorer.bias  # every unit at every step (QueryScorer.score)
+    values = scorer.score(x)  # every unit at every step
     total = layout.n_layers * units
     thresholds = {k: float(np.quantile(values, 1 - k / total)) for k in config.budgets}
     path.write_text(json.dumps({"thresholds": {str(k): v for k, v in thresholds.items()}, "samples": len(rows),

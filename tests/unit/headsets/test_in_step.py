@@ -146,7 +146,7 @@ def test_a_fitted_query_scorer_combines_the_units_base_rate_with_its_pull():
     traced = tracer.generate(tracer.prefill(_ids()), heads=policy, sparsity=SPARSITY)
     assert (np.stack(traced.open_heads) == (prior > 0)).all()
     only_pull = QueryScorer(prior, np.full((2, 2), 0.5), (0.0, 1.0, 0.0), 0.0)
-    assert only_pull.score(1, np.array([0.25, -np.inf])).tolist() == [0.25, 0.5 - 50.0]
+    assert only_pull.score(np.array([0.25, -np.inf]), 1).tolist() == [0.25, 0.5 - 50.0]
 
 
 def test_layerwise_with_every_unit_in_the_budget_is_plain_generation():
