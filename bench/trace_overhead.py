@@ -36,8 +36,13 @@ def conditions(lm, tracer, enc, new_tokens, pad_id):
     }
 
 
-def _answer(tokens: list[int], stops: set[int]) -> list[int]:
-    return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
+def same_tokens(plain: list[int], static: list[int], traced: list[int], stops: set[int]) -> str:
+    """Compare the three up to the traced side's first end of turn: `generate` (min_new_tokens) suppresses
+    end of turn, so at that step it takes the runner-up and the paths part there by construction."""
+    n = next((i for i, t in enumerate(traced) if t in stops), len(traced))
+    a, b, c = plain[:n], static[:n], traced[:n]
+    same = ("yes" if a == b == c else "traced differs" if a == b else "plain≠static" if a == c else "all differ")
+    return same + (f" ({n} tokens)" if n < len(traced) else "")
 
 
 def main() -> None:
@@ -60,10 +65,7 @@ def main() -> None:
     for length in (int(v) for v in args.lengths.split(",")):
         enc = niah_prompt(lm, length)
         fns = conditions(lm, tracer, enc, args.new_tokens, pad_id)
-        answers = [_answer(fns[c]() if c != "traced" else fns[c]().token_ids, stops) for c in CONDITIONS]
-        # up to the first end of turn (generate suppresses it); which side differs, when one does
-        same = ("yes" if answers[0] == answers[1] == answers[2] else "traced differs" if answers[0] == answers[1]
-                else "plain≠static" if answers[0] == answers[2] else "all differ")
+        same = same_tokens(fns["plain"](), fns["static"](), fns["traced"]().token_ids, stops)
         t = median_times(fns, args.repeats)
         mem = {c: peak_growth_in_child(__file__, c, str(length), "--model", args.model, "--new-tokens",
                                        str(args.new_tokens), "--threads", str(args.threads)) for c in CONDITIONS}

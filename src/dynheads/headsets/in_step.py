@@ -3,7 +3,7 @@
 `layerwise` (issue 19): the layers up to an early layer l keep the static set's heads there; above l, a linear
 probe on the residual stream after layer l *of the same step* (as layer l + 1's attention receives it) scores
 every head above l, and the top of those fill the rest of the budget, so exactly k units open per step. The
-probe is fitted on the detection run only (runners/sparse.py `fit_layer_probe`); its cost is its weights,
+probe is fitted on the detection run only (runners/sparse.py `layer_probe_fit`); its cost is its weights,
 read once per step (`probe_read`).
 
 `query` (issue 19): before a closed head attends, Quest's page bounds (tracing/page_bounds.py) bound its
@@ -43,7 +43,7 @@ class QueryScorer:
     unit's own base rate carries most of what decides D_t. So the score is
     b + w_prior · prior + w_pull · pull + w_centred · (pull − mean pull of the unit), with the unit's log-odds
     of being in D_t (`prior`) and its mean pull from the detection prompts, weights fitted there
-    (runners/sparse.py `calibrate_query`). Arrays are [layers, units].
+    (runners/sparse.py `query_fit`). Arrays are [layers, units].
     """
 
     prior: np.ndarray

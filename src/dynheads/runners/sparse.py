@@ -14,7 +14,7 @@ The detection run (a traced run folder of *other* samples, with hidden states) g
 learns: the static ranking (its head score's activation frequency, as `dynheads ablate --static-ranking`),
 the `predicted` policy's probe (hidden state at step n → active heads at n + 1; probes.fit_probe, offset 1,
 activity by the run's registered score; <out>/predictor.pt), and, from its prompts decoded again with
-every head open, the `query` policy's scorer and thresholds (<out>/query_thresholds.json) and the
+every head open (one pass shared by both: `fit_in_step`), the `query` policy's scorer and thresholds (<out>/query_thresholds.json) and the
 `layerwise` probe (<out>/layer_probe.pt); a resumed run reuses all of them. A detection run that shares a
 sample with the evaluated ones is refused.
 """
@@ -193,11 +193,11 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
     if "predicted" in config.policies:
         inputs["predictor"] = _predictor(detection, score, run.path / "predictor.pt", config.seed)
     tracer = Tracer(lm, trace)
-    if "query" in config.policies:
-        inputs["thresholds"], inputs["query_scorer"] = calibrate_query(tracer, detection, config, score,
-                                                                       run.path / "query_thresholds.json", quiet)
-    if "layerwise" in config.policies:
-        inputs["layer_probe"] = fit_layer_probe(tracer, detection, config, score, run.path / "layer_probe.pt", quiet)
+    fitted = fit_in_step(tracer, detection, config, score, run.path, quiet)
+    if "query" in fitted:
+        inputs["thresholds"], inputs["query_scorer"] = fitted["query"]
+    if "layerwise" in fitted:
+        inputs["layer_probe"] = fitted["layerwise"]
     run_samples(run, samples, lambda enc: sparse_sample(tracer, enc, config, inputs, metric), len(samples), quiet)
     result = summarise(run.sample_results(), config)
     result.update(static_ranking=source, detection=str(detection.path), sparsity=asdict(config.sparsity),
@@ -211,8 +211,58 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
     return run, result
 
 
-def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, score, path: Path, quiet: bool = False
-                    ) -> tuple[dict[int, float], QueryScorer]:
+@dataclass
+class InStepFit:
+    """One in-step policy's fit from the detection prompts decoded all-open: what it notes at every layer of every
+    step (`notes(row)` gives the sample's `note(t, layer, seen)`), and how it fits from that once the pass is done
+    (`finish(rows, tokens)`, tokens = each sample's re-decoded ids). Several fits share one pass (`fit_in_step`)."""
+
+    notes: Callable[[dict], Callable[[int, int, Any], None]]
+    finish: Callable[[list[dict], dict[str, list[int]]], Any]
+
+
+def fit_in_step(tracer: Tracer, detection: RunDir, config: SparseConfig, score, folder: Path, quiet: bool = False
+                ) -> dict[str, Any]:
+    """The fitted state of every in-step policy in `config.policies` (query: (thresholds, scorer); layerwise: its
+    probe), each loaded from `folder` when a resumed run saved it there, the others fitted on ONE all-open pass
+    over the detection prompts (the pass costs as much as the detection run's decoding; the fits share it)."""
+    out: dict[str, Any] = {}
+    pending: dict[str, InStepFit] = {}
+    if "query" in config.policies:
+        path = folder / "query_thresholds.json"
+        out["query"] = load_query(path, config)
+        if out["query"] is None:
+            pending["query"] = query_fit(tracer, detection, config, score, path, quiet)
+    if "layerwise" in config.policies:
+        path = folder / "layer_probe.pt"
+        out["layerwise"] = load_layer_probe(path, config.layer_of_probe(tracer.lm.layout.n_layers))
+        if out["layerwise"] is None:
+            pending["layerwise"] = layer_probe_fit(tracer, detection, config, score, path, quiet)
+    if pending:
+        rows = detection.sample_results()
+
+        def notes(row: dict):
+            each = [fit.notes(row) for fit in pending.values()]
+            return lambda t, layer, seen: [note(t, layer, seen) for note in each]
+
+        tokens = detection_pass(tracer, rows, config.sparsity, notes)
+        out.update({name: fit.finish(rows, tokens) for name, fit in pending.items()})
+    return out
+
+
+def load_query(path: Path, config: SparseConfig) -> tuple[dict[int, float], QueryScorer] | None:
+    """The thresholds and scorer a resumed run saved at `path` (None: not fitted yet); a different refine is refused."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["scorer"]["refine"] != config.query_refine:
+        raise ConfigError(f"{path}: fitted with --query-refine {saved['scorer']['refine']}, not "
+                          f"{config.query_refine}; use another --out")
+    return ({int(k): float(v) for k, v in saved["thresholds"].items()}, QueryScorer.from_json(saved["scorer"]))
+
+
+def query_fit(tracer: Tracer, detection: RunDir, config: SparseConfig, score, path: Path, quiet: bool = False
+              ) -> InStepFit:
     """The `query` policy's scorer and its threshold per budget k, from the detection run's own prompts (never the
     evaluated ones).
 
@@ -223,16 +273,8 @@ def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
     the scorer (in_step.QueryScorer); k units per step on average score above the (1 - k / units) quantile of all
     scores, which is the threshold. Saved to `path` (JSON) and reused by a resumed run.
     """
-    from sklearn.linear_model import LogisticRegression
-
     from dynheads.tracing.page_bounds import PageSummaries
 
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved["scorer"]["refine"] != config.query_refine:
-            raise ConfigError(f"{path}: fitted with --query-refine {saved['scorer']['refine']}, not "
-                              f"{config.query_refine}; use another --out")
-        return ({int(k): float(v) for k, v in saved["thresholds"].items()}, QueryScorer.from_json(saved["scorer"]))
     layout, sparsity = tracer.lm.layout, config.sparsity
     units = sparsity.units(layout.n_heads, layout.n_kv_heads)
     group = layout.group_size if sparsity.unit == "kv" else 1
@@ -247,35 +289,38 @@ def calibrate_query(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
             steps[t][layer] = layer_pull(seen, layer, summaries, config.query_refine).reshape(-1, group).max(-1)
         return note
 
-    rows = detection.sample_results()
-    tokens = detection_pass(tracer, rows, sparsity, notes)
-    records = detection.read_records()
-    active = score.active(records.array("score"))
-    x, y = [], []
-    for row in rows:
-        mine, same = _matching_steps(records, row["id"], tokens[row["id"]])
-        x += pulls[row["id"]][:same]
-        y.append(active[mine][:same].reshape(same, layout.n_layers, units, group).any(-1))
-    if not x:
-        raise ConfigError(f"detection run {detection.path}: no decode step to calibrate the query policy on")
-    x, y = np.stack(x), np.concatenate(y)
-    finite = np.isfinite(x)
-    mean_pull = np.where(finite, x, 0).sum(0) / np.maximum(finite.sum(0), 1)
-    rate = (y.sum(0) + 0.5) / (len(y) + 1)  # the unit's share of D_t steps, smoothed
-    prior = np.log(rate / (1 - rate))
-    scorer = QueryScorer(prior, mean_pull, (1.0, 0.0, 0.0), 0.0, config.query_refine, QUERY_PAGE)
-    if y.any() and not y.all():
-        fit = LogisticRegression(max_iter=1000).fit(scorer.features(x).reshape(-1, 3), y.reshape(-1))
-        scorer = replace(scorer, weights=tuple(float(w) for w in fit.coef_[0]), bias=float(fit.intercept_[0]))
-    values = scorer.score(x)  # every unit at every step
-    total = layout.n_layers * units
-    thresholds = {k: float(np.quantile(values, 1 - k / total)) for k in config.budgets}
-    path.write_text(json.dumps({"thresholds": {str(k): v for k, v in thresholds.items()}, "samples": len(rows),
-                                "steps": len(x), "scorer": scorer.to_json()}, indent=1))
-    if not quiet:
-        print(f"query policy fitted on {len(x)} steps of {len(rows)} detection prompts: weights (prior, pull, "
-              f"centred pull) {np.round(scorer.weights, 3).tolist()}, thresholds {thresholds}")
-    return thresholds, scorer
+    def finish(rows: list[dict], tokens: dict[str, list[int]]) -> tuple[dict[int, float], QueryScorer]:
+        from sklearn.linear_model import LogisticRegression
+
+        records = detection.read_records()
+        active = score.active(records.array("score"))
+        x, y = [], []
+        for row in rows:
+            mine, same = _matching_steps(records, row["id"], tokens[row["id"]])
+            x += pulls[row["id"]][:same]
+            y.append(active[mine][:same].reshape(same, layout.n_layers, units, group).any(-1))
+        if not x:
+            raise ConfigError(f"detection run {detection.path}: no decode step to calibrate the query policy on")
+        x, y = np.stack(x), np.concatenate(y)
+        finite = np.isfinite(x)
+        mean_pull = np.where(finite, x, 0).sum(0) / np.maximum(finite.sum(0), 1)
+        rate = (y.sum(0) + 0.5) / (len(y) + 1)  # the unit's share of D_t steps, smoothed
+        prior = np.log(rate / (1 - rate))
+        scorer = QueryScorer(prior, mean_pull, (1.0, 0.0, 0.0), 0.0, config.query_refine, QUERY_PAGE)
+        if y.any() and not y.all():
+            fit = LogisticRegression(max_iter=1000).fit(scorer.features(x).reshape(-1, 3), y.reshape(-1))
+            scorer = replace(scorer, weights=tuple(float(w) for w in fit.coef_[0]), bias=float(fit.intercept_[0]))
+        values = scorer.score(x)  # every unit at every step
+        total = layout.n_layers * units
+        thresholds = {k: float(np.quantile(values, 1 - k / total)) for k in config.budgets}
+        path.write_text(json.dumps({"thresholds": {str(k): v for k, v in thresholds.items()}, "samples": len(rows),
+                                    "steps": len(x), "scorer": scorer.to_json()}, indent=1))
+        if not quiet:
+            print(f"query policy fitted on {len(x)} steps of {len(rows)} detection prompts: weights (prior, pull, "
+                  f"centred pull) {np.round(scorer.weights, 3).tolist()}, thresholds {thresholds}")
+        return thresholds, scorer
+
+    return InStepFit(notes, finish)
 
 
 def _matching_steps(records, sample_id: str, tokens: list[int]) -> tuple[np.ndarray, int]:
@@ -286,7 +331,22 @@ def _matching_steps(records, sample_id: str, tokens: list[int]) -> tuple[np.ndar
     return mine, int(np.argmin(np.r_[np.asarray(tokens[:n]) == stored[:n], False]))
 
 
-def fit_layer_probe(tracer: Tracer, detection: RunDir, config: SparseConfig, score, path: Path, quiet: bool = False):
+def load_layer_probe(path: Path, layer: int):
+    """The ridge probe after `layer` a resumed run saved at `path` (None: not fitted yet); another one is refused."""
+    from dynheads.analyses.probes import Probe
+
+    if not path.exists():
+        return None
+    probe = Probe.load(path)
+    if int(probe.meta.get("layer", -1)) == layer and probe.meta.get("fit") == "ridge":
+        return probe
+    raise ConfigError(f"{path}: a probe fitted after layer {probe.meta.get('layer')} by "
+                      f"{probe.meta.get('fit', 'gradient descent')}, not the ridge probe after --probe-layer "
+                      f"{layer}; use another --out")
+
+
+def layer_probe_fit(tracer: Tracer, detection: RunDir, config: SparseConfig, score, path: Path, quiet: bool = False
+                    ) -> InStepFit:
     """The `layerwise` policy's probe: residual after layer l at step n → the heads above l active at step n.
 
     The detection prompts are decoded again with every head open (plain generation: the detection run's own
@@ -300,19 +360,7 @@ def fit_layer_probe(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
     0.47; README.) Split by sample, saved to `path` and reused
     by a resumed run with the same layer.
     """
-    from dynheads.analyses.probes import Probe, fit_ridge_probe
-
     layer = config.layer_of_probe(tracer.lm.layout.n_layers)
-    if path.exists():
-        probe = Probe.load(path)
-        if int(probe.meta.get("layer", -1)) == layer and probe.meta.get("fit") == "ridge":
-            return probe
-        raise ConfigError(f"{path}: a probe fitted after layer {probe.meta.get('layer')} by "
-                          f"{probe.meta.get('fit', 'gradient descent')}, not the ridge probe after --probe-layer "
-                          f"{layer}; use another --out")
-    records = detection.read_records()
-    active = score.active(records.array("score")).astype(np.float32)
-    rows = detection.sample_results()
     taken: dict[str, list[np.ndarray]] = {}
 
     def notes(row: dict):
@@ -323,23 +371,29 @@ def fit_layer_probe(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
                 seen_steps.append(seen.residual[0].float().cpu().numpy())
         return note
 
-    tokens = detection_pass(tracer, rows, config.sparsity, notes)
-    x, y, ids = [], [], []
-    for row in rows:
-        sid = row["id"]
-        mine, same = _matching_steps(records, sid, tokens[sid])
-        x += taken[sid][:same]
-        y.append(active[mine][:same, layer + 1:])
-        ids += [sid] * same
-    if not x:
-        raise ConfigError(f"detection run {detection.path}: no decode step to fit the layerwise probe on")
-    probe = fit_ridge_probe(np.stack(x), np.concatenate(y), np.asarray(ids), np.random.default_rng(config.seed),
-                            meta={"detection": str(detection.path), "layer": layer, "steps": len(x),
-                                  "samples": len(rows)})
-    probe.save(path)
-    if not quiet:
-        print(f"layerwise probe fitted after layer {layer} on {len(x)} steps of {len(rows)} detection prompts")
-    return probe
+    def finish(rows: list[dict], tokens: dict[str, list[int]]):
+        from dynheads.analyses.probes import fit_ridge_probe
+
+        records = detection.read_records()
+        active = score.active(records.array("score")).astype(np.float32)
+        x, y, ids = [], [], []
+        for row in rows:
+            sid = row["id"]
+            mine, same = _matching_steps(records, sid, tokens[sid])
+            x += taken[sid][:same]
+            y.append(active[mine][:same, layer + 1:])
+            ids += [sid] * same
+        if not x:
+            raise ConfigError(f"detection run {detection.path}: no decode step to fit the layerwise probe on")
+        probe = fit_ridge_probe(np.stack(x), np.concatenate(y), np.asarray(ids), np.random.default_rng(config.seed),
+                                meta={"detection": str(detection.path), "layer": layer, "steps": len(x),
+                                      "samples": len(rows)})
+        probe.save(path)
+        if not quiet:
+            print(f"layerwise probe fitted after layer {layer} on {len(x)} steps of {len(rows)} detection prompts")
+        return probe
+
+    return InStepFit(notes, finish)
 
 
 def detection_pass(tracer: Tracer, rows: list[dict], sparsity: Sparsity, notes) -> dict[str, list[int]]:
