@@ -67,11 +67,7 @@ def title(task: dict, n: int) -> str:
 def gap_cell(result: dict, cond: str) -> str:
     """The share of the gap `cond` closes, with † where the oracle − static gap itself is not shown."""
     frac = result["gap_closed"].get(cond)
-    if frac is None:
-        return "—"
-    k = cond.rsplit("@", 1)[1]
-    gap = next(t for t in result["comparisons"] if t["a"] == f"oracle@{k}" and t["metric"] == "accuracy")
-    return f"{frac:+.2f}" + ("" if paired_verdict(gap).outcome == ABOVE else " †")
+    return "—" if frac is None else f"{frac:+.2f}" + ("" if result["gap_shown"][cond] else " †")
 
 
 def main(out: Path, panels: list[str]) -> None:
@@ -110,10 +106,10 @@ def main(out: Path, panels: list[str]) -> None:
     cols = min(2, len(results))
     nrows = -(-len(results) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), layout="constrained", squeeze=False)
-    for i, (ax, (head, result, _)) in enumerate(zip(axes.flat, results)):
+    for ax, (head, result, _) in zip(axes.flat, results):
         accuracy_vs_kv_read(result, title=head, ax=ax)
-        handles, labels = ax.get_legend_handles_labels() if i == 0 else (handles, labels)
         ax.get_legend().remove()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
     spare = list(axes.flat)[len(results):]
     for ax in spare:
         ax.axis("off")

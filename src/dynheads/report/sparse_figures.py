@@ -8,7 +8,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from dynheads.analyses.stats import ABOVE, paired_verdict  # noqa: E402
 
 
 def accuracy_vs_kv_read(result: dict, metric: str = "accuracy", title: str = "", ax=None):
@@ -51,16 +50,13 @@ def sparse_table(result: dict) -> str:
     for t in result["comparisons"]:
         lines.append(f"{t['a']} − {t['b']} ({t['metric']}): {t['mean_difference']:+.3f} "
                      f"[{t['low']:+.3f}, {t['high']:+.3f}], Wilcoxon p = {t['p_value']:.3g}, n = {t['n']}")
-    oracle = {t["budget"]: paired_verdict(t) for t in result["comparisons"]
-              if t["a"].startswith("oracle@") and t["metric"] == "accuracy"}
     for cond, frac in (result.get("gap_closed") or {}).items():
         if frac is None:
             lines.append(f"{cond}: no oracle − static gap to close at this budget")
-            continue
-        gap = oracle.get(int(cond.rsplit("@", 1)[1]))
-        shown = "" if gap is None or gap.outcome == ABOVE else \
-            f" (a fraction of noise: the gap itself is not shown, oracle − static {gap.summary})"
-        lines.append(f"{cond}: closes {frac:+.2f} of the oracle − static accuracy gap{shown}")
+        else:
+            noise = "" if result.get("gap_shown", {}).get(cond, True) else \
+                " (a fraction of noise: the gap itself is not shown by the paired rule)"
+            lines.append(f"{cond}: closes {frac:+.2f} of the oracle − static accuracy gap{noise}")
     verdicts = result.get("verdicts") or {"predicted": result["verdict"]}
     lines += [f"verdict: {text}" for text in verdicts.values()] or [f"verdict: {result['verdict']}"]
     return "\n".join(lines)

@@ -14,8 +14,9 @@ The detection run (a traced run folder of *other* samples, with hidden states) g
 learns: the static ranking (its head score's activation frequency, as `dynheads ablate --static-ranking`),
 the `predicted` policy's probe (hidden state at step n → active heads at n + 1; probes.fit_probe, offset 1,
 activity by the run's registered score; <out>/predictor.pt), and, from its prompts decoded again with
-every head open (one pass shared by both: `fit_in_step`), the `query` policy's scorer and thresholds (<out>/query_thresholds.json) and the
-`layerwise` probe (<out>/layer_probe.pt); a resumed run reuses all of them. A detection run that shares a
+every head open (one pass shared by both: `fit_in_step`), the `query` policy's scorer and thresholds
+(<out>/query_thresholds.json) and the `layerwise` probe (<out>/layer_probe.pt); a resumed run reuses all
+of them. A detection run that shares a
 sample with the evaluated ones is refused.
 """
 from __future__ import annotations
@@ -215,10 +216,12 @@ def run_sparse(lm: LoadedModel, samples: list[EncodedSample], task_config: Any, 
 class InStepFit:
     """One in-step policy's fit from the detection prompts decoded all-open: what it notes at every layer of every
     step (`notes(row)` gives the sample's `note(t, layer, seen)`), and how it fits from that once the pass is done
-    (`finish(rows, tokens)`, tokens = each sample's re-decoded ids). Several fits share one pass (`fit_in_step`)."""
+    (`finish(rows, tokens, records, active)`: tokens = each sample's re-decoded ids, records and `active` = the
+    detection run's records and their active heads by its score, read once). Several fits share one pass
+    (`fit_in_step`)."""
 
     notes: Callable[[dict], Callable[[int, int, Any], None]]
-    finish: Callable[[list[dict], dict[str, list[int]]], Any]
+    finish: Callable[[list[dict], dict[str, list[int]], Any, np.ndarray], Any]
 
 
 def fit_in_step(tracer: Tracer, detection: RunDir, config: SparseConfig, score, folder: Path, quiet: bool = False
@@ -232,12 +235,12 @@ def fit_in_step(tracer: Tracer, detection: RunDir, config: SparseConfig, score, 
         path = folder / "query_thresholds.json"
         out["query"] = load_query(path, config)
         if out["query"] is None:
-            pending["query"] = query_fit(tracer, detection, config, score, path, quiet)
+            pending["query"] = query_fit(tracer, detection, config, path, quiet)
     if "layerwise" in config.policies:
         path = folder / "layer_probe.pt"
         out["layerwise"] = load_layer_probe(path, config.layer_of_probe(tracer.lm.layout.n_layers))
         if out["layerwise"] is None:
-            pending["layerwise"] = layer_probe_fit(tracer, detection, config, score, path, quiet)
+            pending["layerwise"] = layer_probe_fit(tracer, detection, config, path, quiet)
     if pending:
         rows = detection.sample_results()
 
@@ -246,7 +249,9 @@ def fit_in_step(tracer: Tracer, detection: RunDir, config: SparseConfig, score, 
             return lambda t, layer, seen: [note(t, layer, seen) for note in each]
 
         tokens = detection_pass(tracer, rows, config.sparsity, notes)
-        out.update({name: fit.finish(rows, tokens) for name, fit in pending.items()})
+        records = detection.read_records()
+        active = score.active(records.array("score"))
+        out.update({name: fit.finish(rows, tokens, records, active) for name, fit in pending.items()})
     return out
 
 
@@ -261,8 +266,7 @@ def load_query(path: Path, config: SparseConfig) -> tuple[dict[int, float], Quer
     return ({int(k): float(v) for k, v in saved["thresholds"].items()}, QueryScorer.from_json(saved["scorer"]))
 
 
-def query_fit(tracer: Tracer, detection: RunDir, config: SparseConfig, score, path: Path, quiet: bool = False
-              ) -> InStepFit:
+def query_fit(tracer: Tracer, detection: RunDir, config: SparseConfig, path: Path, quiet: bool = False) -> InStepFit:
     """The `query` policy's scorer and its threshold per budget k, from the detection run's own prompts (never the
     evaluated ones).
 
@@ -289,11 +293,10 @@ def query_fit(tracer: Tracer, detection: RunDir, config: SparseConfig, score, pa
             steps[t][layer] = layer_pull(seen, layer, summaries, config.query_refine).reshape(-1, group).max(-1)
         return note
 
-    def finish(rows: list[dict], tokens: dict[str, list[int]]) -> tuple[dict[int, float], QueryScorer]:
+    def finish(rows: list[dict], tokens: dict[str, list[int]], records, active: np.ndarray
+               ) -> tuple[dict[int, float], QueryScorer]:
         from sklearn.linear_model import LogisticRegression
 
-        records = detection.read_records()
-        active = score.active(records.array("score"))
         x, y = [], []
         for row in rows:
             mine, same = _matching_steps(records, row["id"], tokens[row["id"]])
@@ -345,7 +348,7 @@ def load_layer_probe(path: Path, layer: int):
                       f"{layer}; use another --out")
 
 
-def layer_probe_fit(tracer: Tracer, detection: RunDir, config: SparseConfig, score, path: Path, quiet: bool = False
+def layer_probe_fit(tracer: Tracer, detection: RunDir, config: SparseConfig, path: Path, quiet: bool = False
                     ) -> InStepFit:
     """The `layerwise` policy's probe: residual after layer l at step n → the heads above l active at step n.
 
@@ -371,17 +374,15 @@ def layer_probe_fit(tracer: Tracer, detection: RunDir, config: SparseConfig, sco
                 seen_steps.append(seen.residual[0].float().cpu().numpy())
         return note
 
-    def finish(rows: list[dict], tokens: dict[str, list[int]]):
+    def finish(rows: list[dict], tokens: dict[str, list[int]], records, active: np.ndarray):
         from dynheads.analyses.probes import fit_ridge_probe
 
-        records = detection.read_records()
-        active = score.active(records.array("score")).astype(np.float32)
         x, y, ids = [], [], []
         for row in rows:
             sid = row["id"]
             mine, same = _matching_steps(records, sid, tokens[sid])
             x += taken[sid][:same]
-            y.append(active[mine][:same, layer + 1:])
+            y.append(active[mine][:same, layer + 1:].astype(np.float32))
             ids += [sid] * same
         if not x:
             raise ConfigError(f"detection run {detection.path}: no decode step to fit the layerwise probe on")
@@ -442,7 +443,12 @@ def summarise(rows: list[dict], config: SparseConfig) -> dict:
                     diff = paired_difference(per[f"{policy}@{k}"][m], per[f"static@{k}"][m],
                                              rng(f"{policy}@{k}-static@{k}/{m}"), config.n_boot)
                     tests.append({"a": f"{policy}@{k}", "b": f"static@{k}", "budget": k, "metric": m, **asdict(diff)})
-    return {"n_samples": len(rows), "conditions": conds, "comparisons": tests, "gap_closed": gap_closed(conds, config),
+    closed = gap_closed(conds, config)
+    oracle_above = {t["budget"] for t in tests
+                    if t["a"].startswith("oracle@") and t["metric"] == "accuracy" and paired_verdict(t).outcome == ABOVE}
+    return {"n_samples": len(rows), "conditions": conds, "comparisons": tests, "gap_closed": closed,
+            # per gap_closed entry: is the oracle − static gap it divides by itself shown (else the share is noise)
+            "gap_shown": {c: int(c.rsplit("@", 1)[1]) in oracle_above for c in closed},
             "verdict": verdict([t for t in tests if t["a"].startswith("predicted@")]),
             "verdicts": {p: verdict([t for t in tests if t["a"].startswith(f"{p}@")], p)
                          for p in DEPLOYABLE if {p, "static"} <= set(config.policies)}}

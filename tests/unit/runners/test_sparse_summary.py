@@ -8,8 +8,8 @@ from dynheads.errors import ConfigError
 from dynheads.heads import HeadLayout
 from dynheads.headsets.base import build
 from dynheads.headsets.names import SPARSE
-from dynheads.runners.sparse import SparseConfig, _check_disjoint, conditions, step_generators, summarise, verdict
 from dynheads.report.sparse_figures import sparse_table
+from dynheads.runners.sparse import SparseConfig, _check_disjoint, conditions, step_generators, summarise, verdict
 from dynheads.runs import RunDir
 
 
@@ -61,7 +61,6 @@ def test_each_in_step_policy_gets_its_verdict_its_gap_closed_and_its_real_budget
     assert result["conditions"]["query@8"]["open_units"]["estimate"] == pytest.approx(7.0)
 
 
-
 def test_a_gap_fraction_over_a_gap_not_shown_is_flagged():
     """With the oracle one sample above static, 'closes +1.00' is noise: the table says the gap is not shown."""
     n = 12
@@ -74,6 +73,7 @@ def test_a_gap_fraction_over_a_gap_not_shown_is_flagged():
     line16 = next(x for x in table.splitlines() if x.startswith("query@16: closes"))
     assert line8.startswith("query@8: closes +1.00") and "the gap itself is not shown" in line8
     assert line16 == "query@16: closes +0.50 of the oracle − static accuracy gap"
+
 
 def _row(k, lo, hi, p=0.01, n=30):
     return {"metric": "accuracy", "budget": k, "low": lo, "high": hi, "p_value": p, "n": n,
